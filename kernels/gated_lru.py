@@ -34,7 +34,7 @@ def _gates(x, gate_x, gate_a, a_param, c, reset_first):
   """Returns (a_BTW, b_BTW) in float32 with h_t = a_t * h_{t-1} + b_t."""
   f32 = jnp.float32
   x, gate_x, gate_a, a_param = (v.astype(f32) for v in (x, gate_x, gate_a, a_param))
-  log_a = -c * jax.nn.sigmoid(gate_a) * jax.nn.softplus(a_param)
+  log_a = -c * jax.nn.sigmoid(gate_a) * jax.nn.softplus(a_param)[None, None]
   a = jnp.exp(log_a)
   multiplier = sqrt_bound_derivative(1.0 - jnp.exp(2.0 * log_a))
   if reset_first:
