@@ -548,7 +548,7 @@ cmd_supervise() {
     supervise_plan
     return 0
   fi
-  local state status last_state="" unreachable=0 completed_seen=""
+  local state status last_state="" last_status="" unreachable=0 completed_seen=""
   RUNTIME_VERSION=$(runtime_version)  # fail now, not at the first re-create days from now
   log "supervise: $TPU_NAME ($ACCELERATOR_TYPE, $ZONE, $PROJECT) workdir $WORKDIR config $CONFIG;" \
     "max retries $MAX_RETRIES, backoff ${BACKOFF}s..${MAX_BACKOFF}s, poll ${POLL_INTERVAL}s"
@@ -581,6 +581,10 @@ cmd_supervise() {
         ;;
       READY)
         status=$(trainer_status)
+        if [[ $status != "$last_status" ]]; then
+          log "supervise: trainer $status"
+          last_status=$status
+        fi
         if [[ $status == UNREACHABLE ]]; then
           unreachable=$((unreachable + 1))
           log "supervise: workers unreachable ($unreachable/$UNREACHABLE_LIMIT)"
