@@ -43,6 +43,8 @@ class TRecViTConfig:
   classifier_dropout: float = 0.0
   dtype: str = "float32"  # compute dtype; parameters stay float32.
   remat: str = "none"  # "none", "full", "dots_saveable" (rematerialise each layer).
+  # Ablation switch: False drops every gated-LRU block (a per-frame ViT, blind to motion).
+  temporal_blocks: bool = True
 
   def __post_init__(self):
     errors = []

@@ -191,6 +191,27 @@ class ResidualBlock(nn.Module):
     return einops.rearrange(x, "(b n) t c -> b t n c", b=b, n=n), state
 
 
+class HeadsProjection(nn.Module):
+  """x [..., c] -> [..., heads, head_dim] (kernel [c, heads, head_dim], official layout)."""
+
+  heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param(
+      "kernel",
+      LOGICAL(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv")),
+      (x.shape[-1], self.heads, self.head_dim),
+    )
+    bias = self.param(
+      "bias", LOGICAL(nn.initializers.zeros_init(), ("heads", "kv")), (self.heads, self.head_dim)
+    )
+    y = jnp.einsum("...c,chd->...hd", x, kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 2) + bias.shape)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention over the tokens of one frame: x_BNC -> x_BNC."""
 
@@ -199,29 +220,34 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BNC):
     cfg, dtype = self.cfg, _dtype(self.cfg)
-
-    def proj(name):
-      return nn.DenseGeneral(
-        (cfg.num_heads, cfg.head_dim),
-        dtype=dtype,
-        kernel_init=LOGICAL(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-        bias_init=LOGICAL(nn.initializers.zeros_init(), ("heads", "kv")),
-        name=name,
-      )(x_BNC)
-
-    q, k, v = proj("query"), proj("key"), proj("value")
+    q, k, v = (
+      HeadsProjection(cfg.num_heads, cfg.head_dim, dtype, name=name)(x_BNC)
+      for name in ("query", "key", "value")
+    )
     q = q / jnp.sqrt(jnp.asarray(cfg.head_dim, dtype))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    return nn.DenseGeneral(
-      cfg.width,
-      axis=(-2, -1),
-      dtype=dtype,
-      kernel_init=LOGICAL(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-      bias_init=LOGICAL(nn.initializers.zeros_init(), ("embed",)),
-      name="out",
-    )(out)
+    out_BNHD = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return OutProjection(cfg.width, dtype, name="out")(out_BNHD)
+
+
+class OutProjection(nn.Module):
+  """[..., heads, head_dim] -> [..., width] (kernel [heads, head_dim, width], official layout)."""
+
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    heads, head_dim = x.shape[-2:]
+    kernel = self.param(
+      "kernel",
+      LOGICAL(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),
+      (heads, head_dim, self.width),
+    )
+    bias = self.param("bias", LOGICAL(nn.initializers.zeros_init(), ("embed",)), (self.width,))
+    y = jnp.einsum("...hd,hdc->...c", x, kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
 
 
 class MlpBlock(nn.Module):
@@ -280,10 +306,11 @@ class Encoder(nn.Module):
     encoder_cls = _remat(EncoderBlock, cfg.remat)
     new_state = []
     for i in range(cfg.depth):
-      x_BTNC, layer_state = residual_cls(cfg, name=f"residualblock_{i:02d}")(
-        x_BTNC, None if state is None else state[i]
-      )
-      new_state.append(layer_state)
+      if cfg.temporal_blocks:
+        x_BTNC, layer_state = residual_cls(cfg, name=f"residualblock_{i:02d}")(
+          x_BTNC, None if state is None else state[i]
+        )
+        new_state.append(layer_state)
       x_BTNC = encoder_cls(cfg, name=f"encoderblock_{i}")(x_BTNC)
     x_BTNC = nn.LayerNorm(
       epsilon=1e-6,

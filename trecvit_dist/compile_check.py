@@ -1,0 +1,173 @@
+"""AOT-compiles the sharded train step for a TPU topology on a CPU host (needs libtpu).
+
+  python -m trecvit_dist.compile_check --config configs/trecvit_k400.py:B --topology v5p:4x4x4 \
+      [--batch-size N] [--find-max-batch] [--config.FIELD=VALUE ...]
+
+Prints per-chip argument / temp / output / total memory against the chip's HBM and the step's
+FLOPs; exits 1 when the step does not fit. --find-max-batch doubles the global batch, then
+bisects, to report the largest batch (a multiple of the data-parallel size) that fits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from trecvit_dist import metrics, sharding, train  # noqa: E402
+from trecvit_dist.models import TRecViT  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG]")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "TPU topology, e.g. v5p:4x4x4, v5e:4x4")
+_BATCH = flags.DEFINE_integer("batch_size", None, "global batch (default: the config's)")
+_FIND_MAX = flags.DEFINE_boolean("find_max_batch", False, "search the largest batch that fits")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 400, "classes when model.num_classes is unset")
+
+# HBM per chip in bytes (public figures).
+HBM_BYTES = {"v4": 32 * 2**30, "v5e": 16 * 2**30, "v5p": 95 * 2**30, "v6e": 32 * 2**30}
+CHIPS_PER_HOST = {"v4": (2, 2, 1), "v5p": (2, 2, 1), "v5e": (2, 2, 1), "v6e": (2, 2, 1)}
+
+
+def topology_devices(topology: str):
+  """TPU devices of a topology such as "v5p:4x4x4", usable for AOT compilation on a CPU host."""
+  generation = topology.split(":")[0]
+  if generation not in HBM_BYTES:
+    raise ValueError(f"Unknown TPU generation in {topology!r}; known: {sorted(HBM_BYTES)}.")
+  dims = topology.split(":")[1].split("x")
+  bounds = CHIPS_PER_HOST[generation] if len(dims) == 3 else (2, 2)
+  try:
+    desc = topologies.get_topology_desc(
+      platform="tpu",
+      topology_name=topology,
+      chip_config_name="default",
+      chips_per_host_bounds=bounds,
+      num_slices=1,
+    )
+  except Exception as e:  # noqa: BLE001
+    raise RuntimeError(
+      f"Could not get TPU topology {topology} ({e}). "
+      "Install the tpu extra: pip install -e '.[tpu]'."
+    ) from e
+  return desc.devices, HBM_BYTES[generation]
+
+
+def compile_step(config, devices, batch_size: int, num_classes: int):
+  """Lowers and compiles the real sharded train step; returns the compiled executable."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  cfg = train.model_config(config, num_classes)
+  with config.unlocked():
+    config.batch_size = batch_size
+    if config.model.lru_impl == "auto":
+      config.model.lru_impl = "pallas"  # what "auto" picks on a real TPU
+  model = TRecViT(cfg)
+  tx, schedule = train.make_optimizer(config)
+  d = config.data
+  sample = jax.ShapeDtypeStruct((1, d.num_frames, d.image_size, d.image_size, 3), jnp.float32)
+  init_state = train.make_init_state(model, tx, sample, config.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    state_shardings = train.state_shardings_for(init_state, mesh, config.seed)
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(init_state(jax.random.key(0))))
+    abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings
+    )
+    batch = dict(
+      video=jax.ShapeDtypeStruct(
+        (batch_size, d.num_frames, d.image_size, d.image_size, 3),
+        jnp.float32,
+        sharding=sharding.batch_sharding(mesh, 5),
+      ),
+      label=jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding.batch_sharding(mesh)),
+    )
+    step = jax.jit(
+      train.make_train_step(model, tx, schedule, config),
+      in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, batch)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0,
+    )
+    return step.lower(abstract, batch).compile(), mesh, cfg
+
+
+def report(compiled, hbm: int) -> tuple[int, dict]:
+  m = compiled.memory_analysis()
+  total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+  total -= m.alias_size_in_bytes  # donated state: outputs reuse the arguments' buffers
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return total, dict(
+    argument=m.argument_size_in_bytes,
+    output=m.output_size_in_bytes,
+    temp=m.temp_size_in_bytes,
+    alias=m.alias_size_in_bytes,
+    total=total,
+    hbm=hbm,
+    flops=float(cost.get("flops", 0.0)),
+  )
+
+
+def _gib(x):
+  return f"{x / 2**30:.2f} GiB"
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  devices, hbm = topology_devices(_TOPOLOGY.value)
+  num_classes = config.model.num_classes or _NUM_CLASSES.value
+  batch = _BATCH.value or config.batch_size
+
+  def fits(b):
+    compiled, mesh, cfg = compile_step(config, devices, b, num_classes)
+    total, r = report(compiled, hbm)
+    return total <= hbm, r, mesh, cfg
+
+  ok, r, mesh, cfg = fits(batch)
+  analytic = metrics.train_flops_per_clip(cfg, config.data.num_frames, config.data.image_size)
+  print(
+    f"topology {_TOPOLOGY.value}: {len(devices)} chips, mesh {dict(mesh.shape)}, "
+    f"global batch {batch}, {config.data.num_frames} frames at {config.data.image_size}px"
+  )
+  print(
+    f"per-chip memory: arguments {_gib(r['argument'])}, outputs {_gib(r['output'])}, "
+    f"temp {_gib(r['temp'])}, aliased {_gib(r['alias'])}, total {_gib(r['total'])} "
+    f"of {_gib(hbm)} HBM ({100 * r['total'] / hbm:.1f}%)"
+  )
+  print(
+    f"step FLOPs per chip (XLA cost analysis): {r['flops']:.4g}; analytic model FLOPs per "
+    f"chip: {analytic * batch / len(devices):.4g}"
+  )
+  if _FIND_MAX.value:
+    unit = sharding.batch_divisor(mesh) * max(1, config.grad_accum_steps)
+    lo, hi = (batch, None) if ok else (0, batch)
+    while hi is None:
+      candidate = lo * 2
+      fit, r2, _, _ = fits(candidate)
+      print(f"  batch {candidate}: {_gib(r2['total'])} {'fits' if fit else 'does not fit'}")
+      lo, hi = (candidate, None) if fit else (lo, candidate)
+    while hi - lo > unit:
+      mid = (lo + hi) // 2 // unit * unit
+      if mid in (lo, hi):
+        break
+      fit, r2, _, _ = fits(mid)
+      print(f"  batch {mid}: {_gib(r2['total'])} {'fits' if fit else 'does not fit'}")
+      lo, hi = (mid, hi) if fit else (lo, mid)
+    print(f"largest global batch that fits: {lo}")
+  if not ok:
+    print(
+      f"DOES NOT FIT: {_gib(r['total'])} > {_gib(hbm)} per chip. Lower batch_size, enable "
+      "model.remat, or raise mesh.fsdp."
+    )
+    sys.exit(1)
+  print("fits")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,89 @@
+"""The fields every experiment config has (configs/*.py start from `base_config()`).
+
+Field names are part of the project's interface (../shared/DESIGN.md): model.variant,
+model.num_classes, data.path, data.train_split, data.eval_split, data.num_frames, data.stride,
+data.image_size, batch_size, total_steps, seed, mesh.data/fsdp/tensor, log_every_steps,
+eval_every_steps, checkpoint_every_steps, init_from.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all experiments; each config file overrides what it needs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 32  # global, over all processes and devices
+  c.total_steps = 1000
+  c.task = "classification"
+  c.init_from = ""  # official .npz or another workdir; used only when the workdir has no checkpoint
+
+  # Model: a named size plus explicit overrides (unset fields take the variant's value).
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "B"
+  c.model.num_classes = config_dict.placeholder(int)  # unset: the length of DATA/classes.txt
+  for name, kind in (("width", int), ("depth", int), ("mlp_dim", int), ("num_heads", int)):
+    c.model[name] = config_dict.placeholder(kind)
+  c.model.patch_size = (1, 16, 16)
+  c.model.rep_size = config_dict.placeholder(int)  # unset: 4 * width (3072 for B, as released)
+  c.model.conv1d_temporal_width = 4
+  c.model.state_multiplier = 2
+  c.model.min_rad = 0.5
+  c.model.posemb = "learned"
+  c.model.pooling = "cls"
+  c.model.classifier_dropout = 0.0
+  c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
+  c.model.remat = "none"
+  c.model.lru_impl = "auto"
+  c.model.temporal_blocks = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.num_frames = 32
+  c.data.stride = 2
+  c.data.image_size = 224
+  c.data.flip = True
+  c.data.randaugment = False
+  c.data.scale_jitter = (0.875, 1.33)
+  c.data.workers = 2  # Grain worker processes per host
+  c.data.eval_clips = 1
+  c.data.eval_crops = 1
+  # Generated into WORKDIR/data when data.path is empty (the embedded default dataset).
+  c.data.synthetic = ml_collections.ConfigDict(
+    dict(num_train=0, num_validation=0, frames=16, size=32, seed=0)
+  )
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 1000
+  c.optimizer.end_learning_rate = 0.0
+  c.optimizer.weight_decay = 0.03
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.grad_clip_norm = 1.0
+  c.label_smoothing = 0.1
+  c.grad_accum_steps = 1
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000
+  c.eval_batch_size = 0  # 0: batch_size
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.keep_every_steps = 0  # also keep every N-th step forever (0: off)
+  c.profile_steps = (0, 0)  # [start, stop) steps of a profiler trace (0, 0: off)
+  c.peak_flops_per_device = 0.0  # 0: look up the device kind (for perf/mfu)
+  return c
+
+
+def apply_size(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """`:Ti`, `:S`, `:B`, `:L`, `:H` picks model.variant."""
+  if arg:
+    c.model.variant = arg
+  return c
