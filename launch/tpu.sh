@@ -313,7 +313,7 @@ cmd_setup() {
   commit=$(git -C "$REPO_ROOT" rev-parse --verify "${GIT_REF}^{commit}") ||
     die "not a commit: $GIT_REF"
   status=$(git -C "$REPO_ROOT" status --porcelain --untracked-files=no)
-  if [[ -n $status ]]; then
+  if [[ -n $status && $commit == "$(git -C "$REPO_ROOT" rev-parse HEAD)" ]]; then
     log "warning: uncommitted changes are not shipped; installing $commit"
   fi
   tarball=${TMPDIR:-/tmp}/trecvit_src_${commit:0:12}.tar.gz
@@ -550,8 +550,12 @@ cmd_supervise() {
   fi
   local state status last_state="" last_status="" unreachable=0 completed_seen=""
   RUNTIME_VERSION=$(runtime_version)  # fail now, not at the first re-create days from now
+  # Every re-create must install the same code, even if the checkout moves meanwhile.
+  GIT_REF=$(git -C "$REPO_ROOT" rev-parse --verify "${GIT_REF}^{commit}") ||
+    die "not a commit: $GIT_REF"
   log "supervise: $TPU_NAME ($ACCELERATOR_TYPE, $ZONE, $PROJECT) workdir $WORKDIR config $CONFIG;" \
-    "max retries $MAX_RETRIES, backoff ${BACKOFF}s..${MAX_BACKOFF}s, poll ${POLL_INTERVAL}s"
+    "commit ${GIT_REF:0:12}; max retries $MAX_RETRIES, backoff ${BACKOFF}s..${MAX_BACKOFF}s," \
+    "poll ${POLL_INTERVAL}s"
   if run_completed; then
     log "supervise: $WORKDIR/COMPLETED exists"
     finish
@@ -587,7 +591,8 @@ cmd_supervise() {
         fi
         if [[ $status == UNREACHABLE ]]; then
           unreachable=$((unreachable + 1))
-          log "supervise: workers unreachable ($unreachable/$UNREACHABLE_LIMIT)"
+          log "supervise: workers unreachable ($unreachable/$UNREACHABLE_LIMIT):" \
+            "$(tail -n 2 "$TMP/status.err" 2>/dev/null | tr '\n' ' ')"
           if ((unreachable >= UNREACHABLE_LIMIT)); then
             unreachable=0
             log "supervise: giving up on this slice: deleting it to re-create"

@@ -76,6 +76,9 @@ FAKE_GCLOUD = textwrap.dedent(
       (command,) = [a.split("=", 1)[1] for a in args if a.startswith("--command=")]
       if s["slice"] != "READY":
         fail("ssh: connect to host: Connection refused", 255)
+      if s["ssh_down"] > 0 and "worker.sh status" in command:
+        s["ssh_down"] -= 1
+        fail("ssh: connect to host w1: Connection timed out", 255)
       if "worker.sh setup" in command:
         print("TRECVIT_SETUP w0 commit x")
       elif "worker.sh start" in command:
@@ -104,8 +107,9 @@ def fake_gcloud(tmp_path):
   state_path = tmp_path / "state.json"
   calls_path = tmp_path / "calls.jsonl"
 
-  def setup(create_failures=0, runs=(), completed=False, slice=None, current=None):
+  def setup(create_failures=0, runs=(), completed=False, slice=None, current=None, ssh_down=0):
     state = {
+      "ssh_down": ssh_down,
       "slice": slice,
       "create_failures": create_failures,
       "runs": [dict(r) for r in runs],
@@ -265,3 +269,13 @@ def test_exit_codes_from_before_the_supervisor_started_are_not_trusted(tpu_sh, f
   result = tpu_sh("supervise", *FAST, env={**ENV, **env})
   assert result.returncode == 0, result.stderr
   assert actions(fake_gcloud.calls()) == ["setup", "start"]
+
+
+def test_workers_unreachable_for_too_long_get_a_new_slice(tpu_sh, fake_gcloud):
+  env = fake_gcloud.setup(
+    slice="READY", current={"polls": 5, "rc": 0}, ssh_down=2, runs=[{"polls": 0, "rc": 0}]
+  )
+  result = tpu_sh("supervise", *FAST, env={**ENV, **env, "UNREACHABLE_LIMIT": "2"})
+  assert result.returncode == 0, result.stderr
+  assert actions(fake_gcloud.calls()) == ["delete", "create", "setup", "start"]
+  assert "workers unreachable (1/2): ssh: connect to host w1" in result.stderr
