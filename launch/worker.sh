@@ -170,7 +170,7 @@ cmd_logs() {
 
 # Runs from RUN_DIR/src.new (just unpacked by tpu.sh): swap it in and install the pinned deps.
 cmd_setup() {
-  local commit=${1:?commit} python_version=${2:?python version} new uv
+  local commit=${1:?commit} python_version=${2:?python version} new uv versions
   new=$(cd "$(dirname "$SELF")/.." && pwd)
   if wrapper_alive; then
     echo "worker.sh: a trainer is running on $(host); run 'tpu.sh stop' before setup" >&2
@@ -195,8 +195,9 @@ cmd_setup() {
   "$uv" venv --quiet --allow-existing --python "$python_version" "$RUN_DIR/venv"
   (cd "$RUN_DIR/src" &&
     "$uv" pip install --quiet --python "$RUN_DIR/venv/bin/python" -c constraints.txt -e '.[tpu]')
-  echo "TRECVIT_SETUP $(host) commit $commit" \
-    "$("$RUN_DIR/venv/bin/python" -c 'import jax, jaxlib; print("jax", jax.__version__)')"
+  # Import check (not jax.devices(): that would grab the TPU); a broken install fails here.
+  versions=$("$RUN_DIR/venv/bin/python" -c 'import jax; print("jax", jax.__version__)')
+  echo "TRECVIT_SETUP $(host) commit $commit $versions"
 }
 
 main() {

@@ -166,3 +166,60 @@ def test_killed_trainer_reports_lost(worker):
   while worker.status() != ["lost"]:
     assert time.monotonic() < deadline
     time.sleep(0.1)
+
+
+FAKE_UV = """#!/usr/bin/env bash
+# Records its arguments; `uv venv ... DIR` makes DIR/bin/python the test's interpreter.
+echo "$PWD :: $*" >>"$FAKE_UV_LOG"
+if [[ $1 == venv ]]; then
+  mkdir -p "${@: -1}/bin"
+  printf '#!/bin/sh\nexec %s "$@"\n' "$FAKE_UV_PYTHON" >"${@: -1}/bin/python"
+  chmod +x "${@: -1}/bin/python"
+fi
+"""
+
+
+@pytest.mark.parametrize("with_constraints", [True, False])
+def test_setup_installs_pinned_versions_from_the_shipped_tree(
+  worker, tpu_sh, tmp_path, with_constraints
+):
+  # The tarball setup would scp: the worker half plus a pinned constraints file.
+  tree = tmp_path / "tree"
+  (tree / "launch").mkdir(parents=True)
+  shutil.copy(LAUNCH / "worker.sh", tree / "launch/worker.sh")
+  if with_constraints:
+    (tree / "constraints.txt").write_text("jax==0.10.2\n")
+  subprocess.run(
+    ["tar", "-czf", str(worker.home / "trecvit_src.tar.gz"), "-C", str(tree), "."], check=True
+  )
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "uv").write_text(FAKE_UV)
+  (bin_dir / "uv").chmod(0o755)
+  uv_log = tmp_path / "uv.log"
+  result = worker.remote(
+    "setup",
+    check=False,
+    extra_env={
+      "PATH": f"{bin_dir}:/usr/bin:/bin",
+      "FAKE_UV_LOG": str(uv_log),
+      "FAKE_UV_PYTHON": sys.executable,
+    },
+  )
+  if not with_constraints:
+    assert result.returncode != 0
+    assert "constraints.txt missing" in result.stderr
+    assert not uv_log.exists()
+    return
+  assert result.returncode == 0, result.stderr
+  src = worker.run_dir / "src"
+  commit = (src / ".commit").read_text().strip()
+  assert len(commit) == 40 and f"commit {commit} jax" in result.stdout
+  assert (src / "constraints.txt").exists() and not (worker.run_dir / "src.new").exists()
+  venv = worker.run_dir / "venv"
+  make_venv, install = uv_log.read_text().splitlines()[-2:]
+  assert make_venv.endswith(f" :: venv --quiet --allow-existing --python 3.11 {venv}")
+  assert (
+    install
+    == f"{src} :: pip install --quiet --python {venv}/bin/python -c constraints.txt -e .[tpu]"
+  )
