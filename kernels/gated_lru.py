@@ -59,9 +59,9 @@ def _check_shapes(x, gate_x, gate_a, a_param, h0):
 def gated_lru_scan(x, gate_x, gate_a, a_param, *, h0=None, c=8.0):
   """Reference: a sequential lax.scan over time with a float32 carry."""
   a, b = _gates(x, gate_x, gate_a, a_param, c, reset_first=h0 is None)
-  h_init = (
-    jnp.zeros((x.shape[0], x.shape[2]), jnp.float32) if h0 is None else h0.astype(jnp.float32)
-  )
+  # zeros_like(b[:, 0]), not jnp.zeros: under shard_map the carry must vary over the same mesh
+  # axes as the inputs (check_vma), which a fresh constant does not.
+  h_init = jnp.zeros_like(b[:, 0]) if h0 is None else h0.astype(jnp.float32)
 
   def step(h, ab):
     a_t, b_t = ab

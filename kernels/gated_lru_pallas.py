@@ -133,10 +133,6 @@ def _compiler_params(plan: _Plan):
 # ----------------------------------------------------------------------------- in-kernel helpers
 
 
-def _sigmoid(v):
-  return 1.0 / (1.0 + jnp.exp(-v))
-
-
 def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
 
@@ -161,6 +157,16 @@ def _loop(n: int, body, carry, *, reverse: bool = False, unroll: int = 1):
   for i in range(rest - 1, -1, -1) if reverse else range(n - rest, n):  # the leftover steps
     carry = body(i, carry)
   return carry
+
+
+def _lane_loop(plan: _Plan, body) -> None:
+  """body(g, 0) per lane group. Groups are independent, so a rolled loop loses no overlap that
+  matters (each iteration is a full chunk pipeline) and keeps the kernel (and compile) small."""
+  n = plan.block_w // plan.lanes
+  if n == 1:
+    body(0, 0)
+  else:
+    jax.lax.fori_loop(0, n, body, 0)
 
 
 def _aligned(i, size: int):
@@ -228,15 +234,21 @@ def _from_rows(v):
   return v[:, 0:1, :].reshape(v.shape[0], v.shape[2])
 
 
-def _gates(x, gx, ga, ncsp, t_rows, reset):
-  """Recomputes (a, s_a, s_x, u, m) of one chunk in float32; t_rows = global time of each row."""
-  s_a = _sigmoid(ga)
-  a = jnp.exp(ncsp * s_a)
-  u = 1.0 - a * a
+def _gates(gx, ga, ncsp, t_rows, reset):
+  """(a, a^2, s_a, s_x, u = 1 - a^2, m) of one chunk in float32; t_rows: global time per row.
+
+  a^2 is exp(2 log_a), as in the reference and the official model, not a * a: where a -> 1 the
+  two round differently and m = sqrt(1 - a^2) would differ by far more than an ulp.
+  """
+  s_a = jax.nn.sigmoid(ga)
+  log_a = ncsp * s_a
+  a = jnp.exp(log_a)
+  a2 = jnp.exp(2.0 * log_a)
+  u = 1.0 - a2
   m = jnp.sqrt(u)
   if reset:
     m = jnp.where(t_rows == 0, 1.0, m)
-  return a, s_a, _sigmoid(gx), u, m
+  return a, a2, s_a, jax.nn.sigmoid(gx), u, m
 
 
 # ---------------------------------------------------------------------------------- forward kernel
@@ -267,7 +279,7 @@ def _fwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
       x = x_ref[:, rows, ls].astype(_F32)
       gx = gx_ref[:, rows, ls].astype(_F32)
       ga = ga_ref[:, rows, ls].astype(_F32)
-      a, _, s_x, _, m = _gates(x, gx, ga, ncsp, t_rows, reset)
+      a, _, _, s_x, _, m = _gates(gx, ga, ncsp, t_rows, reset)
       b = m * s_x * x
       if plan.padded_time:  # rows past the end: identity steps, so the carry is h_{T-1}
         valid = t_rows < plan.seq_len
@@ -287,7 +299,7 @@ def _fwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
 
     return 0
 
-  _loop(plan.block_w // lanes, lane_group, 0)
+  _lane_loop(plan, lane_group)
 
 
 # --------------------------------------------------------------------------------- backward kernel
@@ -344,7 +356,7 @@ def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
         prev_last = jnp.where(j == 0, h_start, _last_row(h_before))
       h_prev = prev_last if sub == 1 else jnp.where(row == 0, prev_last, pltpu.roll(h_cur, 1, 1))
 
-      a, s_a, s_x, u, m = _gates(x, gx, ga, ncsp, t_rows, reset)
+      a, a2, s_a, s_x, u, m = _gates(gx, ga, ncsp, t_rows, reset)
       if plan.padded_time:  # rows past the end are identity steps with no output gradient
         valid = t_rows < plan.seq_len
         a = jnp.where(valid, a, 1.0)
@@ -359,8 +371,8 @@ def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
       dx = gs * m
       dgx = dx * x * (1.0 - s_x)
       dm = gs * x
-      # d m / d log_a = -a^2 / sqrt(max(u, eps)); d h / d log_a = a * h_{t-1}.
-      dlog_a = a * (g * h_prev - dm * a * jax.lax.rsqrt(jnp.maximum(u, _SQRT_U_MIN)))
+      # d h / d log_a = a * h_{t-1};  d m / d log_a = -a^2 / sqrt(max(u, eps)).
+      dlog_a = a * g * h_prev - dm * a2 * jax.lax.rsqrt(jnp.maximum(u, _SQRT_U_MIN))
       if reset:
         dlog_a = jnp.where(t_rows == 0, 0.0, dlog_a)  # m_0 = 1 and h_{-1} = 0: a_0 is unused
       dq = dlog_a * s_a
@@ -392,10 +404,15 @@ def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
 
     return 0
 
-  _loop(plan.block_w // lanes, lane_group, 0)
+  _lane_loop(plan, lane_group)
 
 
 # ------------------------------------------------------------------------------------ pallas calls
+
+
+def _out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+  """An output that varies over the same shard_map axes as `like` (needed under check_vma)."""
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
 
 
 def _specs(plan: _Plan, *, reverse: bool):
@@ -424,8 +441,8 @@ def _fwd_call(plan: _Plan, c: float, interpret: bool, x, gx, ga, ap_1W, h0):
   return pl.pallas_call(
     functools.partial(_fwd_kernel, plan=plan, c=c, reset=reset),
     out_shape=(
-      jax.ShapeDtypeStruct(x.shape, x.dtype),
-      jax.ShapeDtypeStruct((batch, width), x.dtype),
+      _out_struct(x.shape, x.dtype, x),
+      _out_struct((batch, width), x.dtype, x),
     ),
     grid=plan.grid(batch, width),
     in_specs=in_specs,
@@ -461,14 +478,14 @@ def _bwd_call(plan: _Plan, c: float, interpret: bool, x, gx, ga, ap_1W, h0, h, d
     )
     scratch = [pltpu.VMEM((plan.block_b, plan.sub, plan.block_w), _F32)] * 2
   out_shape = [
-    jax.ShapeDtypeStruct(x.shape, x.dtype),
-    jax.ShapeDtypeStruct(gx.shape, gx.dtype),
-    jax.ShapeDtypeStruct(ga.shape, ga.dtype),
-    jax.ShapeDtypeStruct((batch, width), _F32),
+    _out_struct(x.shape, x.dtype, x),
+    _out_struct(gx.shape, gx.dtype, x),
+    _out_struct(ga.shape, ga.dtype, x),
+    _out_struct((batch, width), _F32, x),
   ]
   out_specs = [btw, btw, btw, bw]
   if not reset:
-    out_shape.append(jax.ShapeDtypeStruct((batch, width), _F32))
+    out_shape.append(_out_struct((batch, width), _F32, x))
     out_specs.append(bw)
   elems = batch * seq_len * width
   outs = pl.pallas_call(
@@ -571,7 +588,22 @@ def gated_lru_pallas(
   _check_shapes(x, gate_x, gate_a, a_param, h0)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
+  x, gate_x, gate_a, a_param, h0 = _vary_alike(x, gate_x, gate_a, a_param, h0)
   return _gated_lru(x, gate_x, gate_a, a_param, h0, float(c), bool(interpret), backend)
+
+
+def _vary_alike(*args):
+  """Under shard_map, casts all args to vary over the union of their mesh axes.
+
+  The kernel's outputs and cotangents vary over all of them; a_param is typically replicated over
+  the batch axes. The cast's transpose is a psum, so its gradient is summed over batch shards.
+  """
+  varying = [None if v is None else jax.typeof(v).mat.varying for v in args]
+  union = frozenset().union(*(s for s in varying if s is not None))
+  return tuple(
+    v if v is None or s == union else jax.lax.pcast(v, tuple(sorted(union - s)), to="varying")
+    for v, s in zip(args, varying, strict=True)
+  )
 
 
 __all__ = ["gated_lru_pallas"]
