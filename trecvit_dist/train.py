@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from data_pipelines import pipeline, synthetic
 from trecvit_dist import checkpointing, metrics, official, sharding
@@ -114,14 +115,17 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> str:
       "data.path is empty and the config defines no synthetic dataset; set --config.data.path."
     )
   path = str(epath.Path(workdir) / "data")
-  synthetic.ensure(
-    path,
-    num_train=syn.num_train,
-    num_validation=syn.num_validation,
-    frames=syn.frames,
-    size=syn.size,
-    seed=syn.seed,
-  )
+  if jax.process_index() == 0:  # one writer; the others wait for complete files
+    synthetic.ensure(
+      path,
+      num_train=syn.num_train,
+      num_validation=syn.num_validation,
+      frames=syn.frames,
+      size=syn.size,
+      seed=syn.seed,
+    )
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("synthetic data generated")
   return path
 
 
@@ -228,7 +232,7 @@ def make_train_step(model: TRecViT, tx, schedule, config):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step_metrics = metrics.TrainMetrics.single_from_model_output(
-      loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state["step"])
+      loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"])
     )
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, step_metrics
@@ -319,13 +323,19 @@ def init_from(params, source: str, cfg: TRecViTConfig, image_size: int):
 @dataclasses.dataclass
 class RunResult:
   step: int
-  train_losses: dict[int, float]
-  eval_metrics: dict[str, float]
+  train_losses: dict[int, float]  # every step this process ran, in order
+  eval_metrics: dict[str, float]  # of the last evaluation
   preempted: bool
+  state: State  # final train state (sharded global arrays)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
-  """Trains (resuming from the workdir if it has checkpoints) and evaluates; see module doc."""
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> RunResult:
+  """Trains (resuming from the workdir if it has checkpoints) and evaluates; see module doc.
+
+  devices: the devices of the mesh (default: all of them).
+  """
   # --- Config and workdir: fail before anything slow.
   checkpointing.check_workdir_writable(workdir)
   data_path = resolve_data(config, workdir)
@@ -334,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   cfg = model_config(config, num_classes)
 
   # --- Mesh.
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   validate(config, mesh, cfg)
   logging.info(
     "Mesh %s over %d devices in %d processes.", dict(mesh.shape), mesh.size, jax.process_count()
@@ -507,7 +517,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     (epath.Path(workdir) / "COMPLETED").write_text(f"{config.total_steps}\n")
   logging.info("Finished at step %d in %s.", step, _fmt_seconds(time.perf_counter() - t_start))
   return RunResult(
-    step=step, train_losses=train_losses, eval_metrics=eval_result, preempted=preempted
+    step=step,
+    train_losses=train_losses,
+    eval_metrics=eval_result,
+    preempted=preempted,
+    state=state,
   )
 
 

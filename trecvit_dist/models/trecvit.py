@@ -129,12 +129,26 @@ def _dense(features, names, dtype, name):
 
 
 def run_lru(x, gate_x, gate_a, a_param, h0, *, c, impl):
-  """Runs kernels.gated_lru, per shard under shard_map when a mesh is active (the trainer's)."""
+  """Runs kernels.gated_lru; per shard under shard_map when a mesh is active (the trainer's).
+
+  Shapes that do not divide over the mesh (e.g. a batch-1 init) run unsharded.
+  """
   mesh = jax.sharding.get_abstract_mesh()
-  if (
-    mesh is not None and not mesh.empty and mesh.size > 1 and hasattr(kernels, "gated_lru_sharded")
-  ):
-    return kernels.gated_lru_sharded(x, gate_x, gate_a, a_param, h0=h0, c=c, impl=impl, mesh=mesh)
+  if mesh is not None and not mesh.empty and mesh.size > 1:
+    batch_ways = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    if x.shape[0] % batch_ways == 0 and x.shape[-1] % mesh.shape.get("tensor", 1) == 0:
+      return kernels.gated_lru_sharded(
+        x,
+        gate_x,
+        gate_a,
+        a_param,
+        h0=h0,
+        c=c,
+        impl=impl,
+        mesh=mesh,
+        batch_axes=("data", "fsdp"),
+        width_axis="tensor",
+      )
   return kernels.gated_lru(x, gate_x, gate_a, a_param, h0=h0, c=c, impl=impl)
 
 

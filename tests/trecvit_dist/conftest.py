@@ -1,0 +1,58 @@
+"""Shared helpers: the real configs, shrunk one way for every trainer test."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_config(name: str, arg: str | None = None):
+  """configs/NAME.py's get_config(arg), as `--config configs/NAME.py[:ARG]` would load it."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def shrink(config, data_dir, **overrides):
+  """synthetic_tiny made fast enough for a unit test; overrides use dotted field names."""
+  config.data.path = str(data_dir)
+  config.batch_size = 8
+  config.total_steps = 3
+  config.log_every_steps = 1
+  config.eval_every_steps = 1000
+  config.eval_batch_size = 16
+  config.checkpoint_every_steps = 1000
+  config.optimizer.warmup_steps = 1
+  config.model.width = 32
+  config.model.mlp_dim = 64
+  config.model.num_heads = 2
+  config.model.rep_size = 32
+  config.data.num_frames = 4
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+  """A small synthetic dataset (train 64, validation 32 videos), generated once per session."""
+  from data_pipelines import synthetic
+
+  path = tmp_path_factory.mktemp("synthetic")
+  synthetic.ensure(str(path), num_train=64, num_validation=32, frames=8, size=32, seed=0)
+  return path
+
+
+@pytest.fixture
+def tiny_config(tiny_data):
+  def make(**overrides):
+    return shrink(load_config("synthetic_tiny"), tiny_data, **overrides)
+
+  return make
