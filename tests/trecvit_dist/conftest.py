@@ -56,3 +56,22 @@ def tiny_config(tiny_data):
     return shrink(load_config("synthetic_tiny"), tiny_data, **overrides)
 
   return make
+
+
+def read_scalars(workdir, tag: str) -> dict[int, float]:
+  """{step: value} of a TensorBoard scalar that CLU's writer put in workdir's event files."""
+  import tensorflow as tf
+
+  values = {}
+  for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        if v.tag == tag:
+          values[event.step] = float(tf.make_ndarray(v.tensor))
+  return values
+
+
+@pytest.fixture
+def tb_scalars():
+  """read_scalars(workdir, tag) -> {step: value} from TensorBoard event files."""
+  return read_scalars
