@@ -201,7 +201,10 @@ def _scan_chunk(a, b, carry):
 
 
 def _reverse_scan_chunk(a_next, dh, carry):
-  """g_i = dh_i + a_next_i g_{i+1} along axis 1, g_n = carry / a_next_{n-1} (see caller)."""
+  """g_i = dh_i + a_next_i g_{i+1} along axis 1, where the last row's a_next_{n-1} g_n is carry.
+
+  The caller sets a_next_{n-1} = 1; the scan mirrors _scan_chunk towards lower rows.
+  """
   n = dh.shape[1]
   row = _row_iota(dh.shape) if n > 1 else None
   d = 1

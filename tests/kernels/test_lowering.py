@@ -96,6 +96,33 @@ def test_tpu_aot_sharded_entry_on_pod_mesh():
   assert "all-gather" not in text
 
 
+@pytest.mark.tpu_aot
+def test_tpu_aot_inside_users_shard_map_with_vma_checks():
+  """A caller's own shard_map (check_vma=True) with a_param replicated over batch compiles."""
+  mesh = Mesh(np.asarray(_tpu_devices()[:8]).reshape(4, 2), ("data", "tensor"))
+  spec_BTW, spec_BW, spec_W = P("data", None, "tensor"), P("data", "tensor"), P("tensor")
+
+  def per_shard(x, gx, ga, ap, h0):
+    return gated_lru_pallas(x, gx, ga, ap, h0=h0, interpret=False)
+
+  sharded = jax.shard_map(
+    per_shard,
+    mesh=mesh,
+    in_specs=(spec_BTW, spec_BTW, spec_BTW, spec_W, spec_BW),
+    out_specs=(spec_BTW, spec_BW),
+  )
+
+  def loss(*args):
+    h, h_last = sharded(*args)
+    return jnp.sum(h) + jnp.sum(h_last)
+
+  shardings = [NamedSharding(mesh, s) for s in (spec_BTW, spec_BW, spec_W)]
+  args = _structs((64, 16, 256), jnp.float32, *shardings)
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile().as_text()
+  assert text.count(MOSAIC_CALL) == 2
+  assert "all-reduce" in text  # a_param's gradient, summed over the batch shards
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_gpu_lowers_to_triton(dtype):
   args = _structs((1576, 33, 768), dtype, None, None, None)
