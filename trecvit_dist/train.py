@@ -296,14 +296,16 @@ def init_from(params, source: str, cfg: TRecViTConfig, image_size: int):
     )
     loaded = flax.traverse_util.flatten_dict(loaded, sep="/")
   else:
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    with ocp.CheckpointManager(epath.Path(source) / "checkpoints", item_names=("state",)) as mgr:
-      step = mgr.latest_step()
-      if step is None:
-        raise ValueError(f"init_from={source}: no checkpoint under {source}/checkpoints.")
-      restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    loaded = flax.traverse_util.flatten_dict(restored.state["params"], sep="/")
+    # Another run's workdir: read-only, params only, restored onto this run's shardings (so a
+    # different mesh or device count works); a differently shaped classifier is not read.
+    source_ckpt = checkpointing.Checkpointer(source, every_steps=0, keep=1, read_only=True)
+    try:
+      step, loaded = source_ckpt.load_params(flat_target)
+    except checkpointing.CheckpointError as e:
+      raise ValueError(f"init_from={source}: {e}") from e
+    finally:
+      source_ckpt.close()
+    logging.info("init_from: parameters of step %d of %s.", step, source)
   out = {}
   for key, target in flat_target.items():
     value = loaded.get(key)
@@ -392,6 +394,8 @@ def train_and_evaluate(
     keep=config.keep_checkpoints,
     keep_every_steps=config.keep_every_steps,
   )
+  # From here on a SIGTERM is a preemption: the run stops after a step, saves and exits 42.
+  preemption = checkpointing.PreemptionWatcher()
   restored = ckpt.restore_latest(abstract_state)
   if restored is not None:
     start_step, state, data_state = restored
@@ -433,7 +437,6 @@ def train_and_evaluate(
   flops_per_step = metrics.train_flops_per_clip(cfg, d.num_frames, d.image_size) * config.batch_size
   peak = metrics.peak_flops_per_device(config.peak_flops_per_device)
   config_json = config.to_dict()
-  preemption = checkpointing.PreemptionWatcher()
 
   def run_eval(step):
     result = evaluate(eval_step, state["params"], config, data_path, mesh)
@@ -480,8 +483,8 @@ def train_and_evaluate(
         scalars["perf/clips_per_sec"] = steps_per_sec * config.batch_size
         if peak:
           scalars["perf/mfu"] = flops_per_step * steps_per_sec / (peak * jax.device_count())
-        if ckpt.blocking_ms:
-          scalars["perf/checkpoint_blocking_ms"] = ckpt.blocking_ms[-1]
+        if (blocking_ms := ckpt.take_blocking_ms()) is not None:
+          scalars["perf/checkpoint_blocking_ms"] = blocking_ms
         writer.write_scalars(step, scalars)
         eta = (config.total_steps - step) / max(steps_per_sec, 1e-9)
         logging.info(
@@ -511,7 +514,8 @@ def train_and_evaluate(
         eval_result = run_eval(step)
   if pending is not None:
     _, train_losses = _fetch(pending, accumulated, train_losses)
-  ckpt.close()
+  ckpt.close()  # waits for the last save: a preempted run exits only once it is complete
+  preemption.close()
   writer.flush()
   if not preempted and jax.process_index() == 0:
     (epath.Path(workdir) / "COMPLETED").write_text(f"{config.total_steps}\n")
