@@ -111,6 +111,11 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def _short(error: Exception) -> str:
+  """The error without TensorStore's multi-kilobyte spec dumps."""
+  return f"{type(error).__name__}: {str(error).split(' [tensorstore_spec')[0]}"
+
+
 def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -139,6 +144,7 @@ def _type_handlers():
         array_metadata_store=getattr(default, "_array_metadata_store", None),
       ),
       override=True,
+      ignore_warnings=True,
     )
   return registry
 
@@ -247,7 +253,8 @@ class Checkpointer:
     """
     for name in self.skipped:
       logging.warning(
-        "Skipping incomplete checkpoint %s (a process died while saving it); removing it.",
+        "Skipping incomplete checkpoint %s (its save never finished: the process died or a "
+        "write failed); removing it.",
         self.directory / name,
       )
     steps = self.steps()
@@ -272,9 +279,9 @@ class Checkpointer:
           "Checkpoint step %d in %s is unreadable, trying the previous one: %s",
           step,
           self.directory,
-          e,
+          _short(e),
         )
-        errors.append(f"step {step}: {type(e).__name__}: {e}")
+        errors.append(f"step {step}: {_short(e)}")
     if steps and result is None:
       raise CheckpointError(
         f"Checkpoints exist in {self.directory} (steps {steps}) but none can be read:\n  "
@@ -289,6 +296,22 @@ class Checkpointer:
         f"{self.directory}; a process cannot read what the others can."
       )
     return result
+
+  def read(self, step: int | None = None) -> tuple[int, dict, dict]:
+    """(step, state as numpy arrays, data_state) of a step (default: newest), on any host."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint under {self.directory}.")
+    tree = self.manager.item_metadata(step)["state"].tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=tree, restore_args=as_numpy),
+        data_iter=ocp.args.JsonRestore(),
+      ),
+    )
+    return step, restored.state, restored.data_iter
 
   def load_params(self, like: dict[str, jax.Array]) -> tuple[int, dict[str, jax.Array]]:
     """(step, params) of the newest checkpoint: only `params`, only keys of `like` (flat, "/"
