@@ -42,8 +42,7 @@ def topology_devices(topology: str):
   generation = topology.split(":")[0]
   if generation not in HBM_BYTES:
     raise ValueError(f"Unknown TPU generation in {topology!r}; known: {sorted(HBM_BYTES)}.")
-  dims = topology.split(":")[1].split("x")
-  bounds = CHIPS_PER_HOST[generation] if len(dims) == 3 else (2, 2)
+  bounds = CHIPS_PER_HOST[generation]
   try:
     desc = topologies.get_topology_desc(
       platform="tpu",
@@ -66,8 +65,6 @@ def compile_step(config, devices, batch_size: int, num_classes: int):
   cfg = train.model_config(config, num_classes)
   with config.unlocked():
     config.batch_size = batch_size
-    if config.model.lru_impl == "auto":
-      config.model.lru_impl = "pallas"  # what "auto" picks on a real TPU
   model = TRecViT(cfg)
   tx, schedule = train.make_optimizer(config)
   d = config.data
@@ -125,11 +122,26 @@ def main(argv):
   batch = _BATCH.value or config.batch_size
 
   def fits(b):
-    compiled, mesh, cfg = compile_step(config, devices, b, num_classes)
+    try:
+      compiled, mesh, cfg = compile_step(config, devices, b, num_classes)
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # The TPU compiler refuses programs whose buffers exceed HBM: that is "does not fit".
+      mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+      cfg = train.model_config(config, num_classes)
+      print(f"  batch {b}: the TPU compiler ran out of HBM: {str(e).splitlines()[0][:300]}")
+      return False, None, mesh, cfg
     total, r = report(compiled, hbm)
     return total <= hbm, r, mesh, cfg
 
   ok, r, mesh, cfg = fits(batch)
+  if r is None:
+    print(
+      f"DOES NOT FIT: global batch {batch} needs more than the {_gib(hbm)} of HBM per chip. "
+      "Lower batch_size, enable model.remat, or raise mesh.fsdp."
+    )
+    sys.exit(1)
   analytic = metrics.train_flops_per_clip(cfg, config.data.num_frames, config.data.image_size)
   print(
     f"topology {_TOPOLOGY.value}: {len(devices)} chips, mesh {dict(mesh.shape)}, "
@@ -150,14 +162,16 @@ def main(argv):
     while hi is None:
       candidate = lo * 2
       fit, r2, _, _ = fits(candidate)
-      print(f"  batch {candidate}: {_gib(r2['total'])} {'fits' if fit else 'does not fit'}")
+      if r2:
+        print(f"  batch {candidate}: {_gib(r2['total'])} {'fits' if fit else 'does not fit'}")
       lo, hi = (candidate, None) if fit else (lo, candidate)
     while hi - lo > unit:
       mid = (lo + hi) // 2 // unit * unit
       if mid in (lo, hi):
         break
       fit, r2, _, _ = fits(mid)
-      print(f"  batch {mid}: {_gib(r2['total'])} {'fits' if fit else 'does not fit'}")
+      if r2:
+        print(f"  batch {mid}: {_gib(r2['total'])} {'fits' if fit else 'does not fit'}")
       lo, hi = (mid, hi) if fit else (lo, mid)
     print(f"largest global batch that fits: {lo}")
   if not ok:

@@ -75,3 +75,9 @@ def read_scalars(workdir, tag: str) -> dict[int, float]:
 def tb_scalars():
   """read_scalars(workdir, tag) -> {step: value} from TensorBoard event files."""
   return read_scalars
+
+
+@pytest.fixture(scope="session")
+def load_config_fn():
+  """load_config(name, arg=None): a config file's get_config, as the CLI loads it."""
+  return load_config

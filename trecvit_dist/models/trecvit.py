@@ -134,6 +134,12 @@ def run_lru(x, gate_x, gate_a, a_param, h0, *, c, impl):
   Shapes that do not divide over the mesh (e.g. a batch-1 init) run unsharded.
   """
   mesh = jax.sharding.get_abstract_mesh()
+  # Compiling for a TPU/GPU mesh from a CPU host (compile_check): the real kernel, not interpret.
+  platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
+  interpret = None
+  if platform in ("tpu", "gpu", "cuda", "rocm"):
+    interpret = False
+    impl = "pallas" if impl == "auto" else impl
   if mesh is not None and not mesh.empty and mesh.size > 1:
     batch_ways = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     if x.shape[0] % batch_ways == 0 and x.shape[-1] % mesh.shape.get("tensor", 1) == 0:
@@ -148,8 +154,9 @@ def run_lru(x, gate_x, gate_a, a_param, h0, *, c, impl):
         mesh=mesh,
         batch_axes=("data", "fsdp"),
         width_axis="tensor",
+        interpret=interpret,
       )
-  return kernels.gated_lru(x, gate_x, gate_a, a_param, h0=h0, c=c, impl=impl)
+  return kernels.gated_lru(x, gate_x, gate_a, a_param, h0=h0, c=c, impl=impl, interpret=interpret)
 
 
 class RGLRU(nn.Module):
