@@ -2,7 +2,7 @@
 # Create, set up, run and supervise trecvit-dist training on a Cloud TPU VM slice.
 #
 # Runs on your workstation and drives everything through gcloud; the worker-side half is
-# launch/worker.sh, shipped to every worker by `setup`. See --help and docs/tpu_pod.md.
+# launch/worker.sh, shipped to every worker by `setup`. See --help and the README section "Run on a TPU pod".
 set -euo pipefail
 
 if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
