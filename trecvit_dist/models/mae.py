@@ -1,0 +1,275 @@
+"""Masked auto-encoding (MAE) pre-training of TRecViT with tube masking.
+
+One random spatial mask per video is repeated over all frames, so a masked position is a whole
+temporal tube: its gated LRU is dropped from the encoder altogether (the paper's setting). The
+encoder (tokenizer + encoder, the same modules and parameter names as TRecViT, so its parameters
+load into TRecViT and from official checkpoints) runs on the k visible tubes plus the CLS tube
+only: [b, t, 1 + k, c]. FLOPs and activation memory scale with the visible fraction.
+
+Decoder: TRecViT blocks (ResidualBlock + EncoderBlock, via `Encoder`) of a smaller config, rather
+than ViT blocks over all t*n tokens (VideoMAE) because
+  - it stays causal: the reconstruction of frame t depends on frames <= t only, like the encoder;
+  - its cost is linear in t (per-frame attention over n tokens + a linear recurrence per tube),
+    where joint space-time attention costs (t n)^2;
+  - it reuses the encoder's building blocks, sharding rules and the Pallas LRU kernel.
+Its input: the encoder's tokens projected to the decoder width, a learned mask token at every
+masked position, plus a fixed 2D sin-cos position embedding of the decoder width on every patch
+token (the mask token alone cannot tell positions apart). It predicts every patch of every frame:
+[b, t', n, pt*ph*pw*3] (t' = t / pt; patch pixels in (pt, ph, pw, rgb) order).
+
+Targets and PSNR. `pred` is trained on the loss target: raw pixels, or (norm_pix, the VideoMAE
+default) each patch normalised by its own mean and variance. A normalised prediction cannot be
+turned back into pixels without the ground truth's patch statistics, so the decoder also has a
+second linear head, `pred_pixels`, that predicts raw pixels in [0, 1] from the same decoder
+features under stop_gradient: it is a probe (one Dense) that never changes what the encoder and
+decoder learn, and the PSNR and the reconstruction images use it whenever norm_pix is on (the
+main head when it is off). Module names: tokenizer/, encoder/, mae_decoder/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trecvit_dist.models.config import TRecViTConfig
+from trecvit_dist.models.trecvit import (
+  LOGICAL,
+  Encoder,
+  Tokenizer,
+  _dense,
+  _dtype,
+  check_video,
+  sincos_2d,
+)
+
+NORM_PIX_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class MAEDecoderConfig:
+  """The MAE decoder's size; every other hyper-parameter follows the encoder's TRecViTConfig."""
+
+  width: int = 384
+  depth: int = 4
+  num_heads: int = 6
+  mlp_dim: int | None = None  # None: 4 * width
+  posemb: str = "sincos2d"  # "sincos2d" (fixed) or "learned"
+
+  def __post_init__(self):
+    if self.posemb not in ("sincos2d", "learned"):
+      raise ValueError(f"MAE decoder posemb must be 'sincos2d' or 'learned', got {self.posemb!r}.")
+    if self.depth < 1:
+      raise ValueError(f"MAE decoder depth must be >= 1, got {self.depth}.")
+
+  def blocks_config(self, cfg: TRecViTConfig) -> TRecViTConfig:
+    """The TRecViTConfig of the decoder's blocks: the encoder's, at the decoder's size."""
+    return cfg.replace(
+      width=self.width,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim or 4 * self.width,
+      lru_num_heads=None,
+      rep_size=None,
+    )
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+def num_visible(num_patches: int, ratio: float) -> int:
+  """k = n - round(ratio * n) (round half up); at least one tube stays visible."""
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f"mask ratio must be in [0, 1), got {ratio}.")
+  k = num_patches - int(math.floor(ratio * num_patches + 0.5))
+  if k < 1:
+    raise ValueError(f"mask ratio {ratio} leaves no visible tube out of {num_patches}.")
+  return k
+
+
+def tube_mask(rng, batch: int, num_patches: int, ratio: float = 0.9):
+  """(keep_BK int32 [b, k] ascending, mask_BN bool [b, n], True = masked): one mask per video.
+
+  The same spatial mask holds for every frame (tubes). Deterministic in rng: the trainer passes
+  fold_in(seed key, step), so a resumed run masks exactly as an uninterrupted one.
+  """
+  k = num_visible(num_patches, ratio)
+  noise_BN = jax.random.uniform(rng, (batch, num_patches))
+  keep_BK = jnp.sort(jnp.argsort(noise_BN, axis=1)[:, :k], axis=1).astype(jnp.int32)
+  return keep_BK, mask_from_keep(keep_BK, num_patches)
+
+
+def mask_from_keep(keep_BK, num_patches: int):
+  """mask_BN bool [b, n], True where a position is not in keep_BK."""
+  b = keep_BK.shape[0]
+  return jnp.ones((b, num_patches), bool).at[jnp.arange(b)[:, None], keep_BK].set(False)
+
+
+def grid_size(cfg: TRecViTConfig, video_shape) -> tuple[int, int]:
+  """(gh, gw): the spatial grid of patches of a [b, t, h, w, 3] video."""
+  return video_shape[2] // cfg.patch_size[1], video_shape[3] // cfg.patch_size[2]
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+def patchify(video_BTHWC, patch_size):
+  """[b, t, h, w, 3] -> [b, t/pt, n, pt*ph*pw*3] (row-major grid, like the tokenizer's tokens)."""
+  pt, ph, pw = patch_size
+  return einops.rearrange(
+    video_BTHWC, "b (t pt) (gh ph) (gw pw) c -> b t (gh gw) (pt ph pw c)", pt=pt, ph=ph, pw=pw
+  )
+
+
+def unpatchify(patches_BTNP, patch_size, grid_hw):
+  """The inverse of patchify: [b, t/pt, n, pt*ph*pw*3] -> [b, t, h, w, 3]."""
+  pt, ph, pw = patch_size
+  return einops.rearrange(
+    patches_BTNP,
+    "b t (gh gw) (pt ph pw c) -> b (t pt) (gh ph) (gw pw) c",
+    gh=grid_hw[0],
+    gw=grid_hw[1],
+    pt=pt,
+    ph=ph,
+    pw=pw,
+  )
+
+
+def normalize_patches(patches_BTNP, eps: float = NORM_PIX_EPS):
+  """Each patch and colour channel normalised by its own mean and variance over the patch's pixels.
+
+  (x - mean) / sqrt(var + eps), biased variance, per channel as VideoMAE (which divides by
+  std + eps instead; the two differ only on near-flat patches).
+  """
+  x = patches_BTNP.astype(jnp.float32).reshape(patches_BTNP.shape[:-1] + (-1, 3))
+  mean = jnp.mean(x, axis=-2, keepdims=True)
+  var = jnp.var(x, axis=-2, keepdims=True)
+  return ((x - mean) * jax.lax.rsqrt(var + eps)).reshape(patches_BTNP.shape)
+
+
+# ----------------------------------------------------------------------------- losses, PSNR
+
+
+def masked_mse_per_video(pred_BTNP, target_BTNP, mask_BN):
+  """[b]: mean squared error over the masked patches of each video (all frames, all pixels)."""
+  err_BTN = jnp.mean(jnp.square(pred_BTNP.astype(jnp.float32) - target_BTNP), axis=-1)
+  w_BTN = jnp.broadcast_to(mask_BN[:, None, :], err_BTN.shape).astype(jnp.float32)
+  return jnp.sum(err_BTN * w_BTN, axis=(1, 2)) / jnp.maximum(jnp.sum(w_BTN, axis=(1, 2)), 1.0)
+
+
+def psnr_per_video(pixels_BTNP, target_BTNP, mask_BN, max_mse_floor: float = 1e-10):
+  """[b]: PSNR in dB of the masked patches, pixels in [0, 1] (the prediction is clipped to it)."""
+  mse = masked_mse_per_video(jnp.clip(pixels_BTNP, 0.0, 1.0), target_BTNP, mask_BN)
+  return -10.0 * jnp.log10(jnp.maximum(mse, max_mse_floor))
+
+
+def reconstruction_grid(video_BTHWC, pixels_BTNP, mask_BN, patch_size, max_frames: int = 8):
+  """uint8 [b, 3 * h, f * w, 3]: rows input / masked input (grey) / reconstruction, f frames.
+
+  The reconstruction shows the prediction at masked patches and the input at visible ones.
+  Frames are subsampled evenly to at most max_frames. For clu's write_images.
+  """
+  grid_hw = (video_BTHWC.shape[2] // patch_size[1], video_BTHWC.shape[3] // patch_size[2])
+  target = patchify(video_BTHWC.astype(jnp.float32), patch_size)
+  masked = mask_BN[:, None, :, None]
+  grey = jnp.full_like(target, 0.5)
+  recon = jnp.where(masked, jnp.clip(pixels_BTNP.astype(jnp.float32), 0.0, 1.0), target)
+  rows = [unpatchify(x, patch_size, grid_hw) for x in (target, jnp.where(masked, grey, target))]
+  rows.append(unpatchify(recon, patch_size, grid_hw))
+  t = video_BTHWC.shape[1]
+  frames = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
+  rows = [r[:, frames] for r in rows]
+  grid = jnp.concatenate([einops.rearrange(r, "b t h w c -> b h (t w) c") for r in rows], axis=1)
+  return jnp.round(grid * 255.0).astype(jnp.uint8)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class MAEDecoder(nn.Module):
+  """Visible encoder tokens [b, t, (1 +) k, c] + keep_BK [b, k] -> pixels of every patch.
+
+  Returns (pred [b, t, n, P], pred_pixels [b, t, n, P]) in float32, P = pt*ph*pw*3.
+  """
+
+  cfg: TRecViTConfig  # the encoder's
+  decoder: MAEDecoderConfig
+
+  @nn.compact
+  def __call__(self, encoded_BTKC, keep_BK, grid_hw: tuple[int, int]):
+    cfg, dec = self.cfg, self.decoder
+    blocks_cfg = dec.blocks_config(cfg)
+    dtype = _dtype(cfg)
+    gh, gw = grid_hw
+    n = gh * gw
+    b, k = keep_BK.shape
+    x = _dense(dec.width, (None, "embed"), dtype, "embed")(encoded_BTKC)
+    cls_BT1D, vis_BTKD = (x[:, :, :1], x[:, :, 1:]) if cfg.use_cls_token else (None, x)
+
+    # Position p's slot in the kept list (a batch-local scatter of b*k ints), then a gather.
+    rows = jnp.arange(b)[:, None]
+    slot_BN = jnp.zeros((b, n), jnp.int32).at[rows, keep_BK].set(jnp.arange(k)[None, :])
+    mask_BN = mask_from_keep(keep_BK, n)
+    full_BTND = jnp.take_along_axis(vis_BTKD, slot_BN[:, None, :, None], axis=2)
+    mask_token = self.param(
+      "mask_token", LOGICAL(nn.initializers.normal(0.02), ("embed",)), (dec.width,)
+    )
+    full_BTND = jnp.where(
+      mask_BN[:, None, :, None], mask_token.astype(dtype)[None, None, None, :], full_BTND
+    )
+    if dec.posemb == "sincos2d":
+      pos_ND = jnp.asarray(sincos_2d(gh, gw, dec.width))
+    else:
+      pos_ND = self.param(
+        "pos_embedding", LOGICAL(nn.initializers.normal(0.02), (None, "embed")), (n, dec.width)
+      )
+    x = full_BTND + pos_ND[None, None].astype(dtype)
+    if cls_BT1D is not None:
+      x = jnp.concatenate([cls_BT1D, x], axis=2)
+    x = nn.with_logical_constraint(x, ("act_batch", None, None, "act_embed"))
+    x, _ = Encoder(blocks_cfg, name="blocks")(x)
+    if cls_BT1D is not None:
+      x = x[:, :, 1:]
+    patch_dim = int(np.prod(cfg.patch_size)) * 3
+    pred = _dense(patch_dim, ("embed", None), dtype, "pred")(x)
+    # A probe: trains on pixels without changing the features the main objective shapes.
+    pred_pixels = _dense(patch_dim, ("embed", None), dtype, "pred_pixels")(jax.lax.stop_gradient(x))
+    return pred.astype(jnp.float32), pred_pixels.astype(jnp.float32)
+
+
+class TRecViTMAE(nn.Module):
+  """[b, t, h, w, 3] in [0, 1] + keep_BK [b, k] -> dict(pred, pred_pixels [b, t', n, P], mask).
+
+  keep_BK None keeps every tube (no masking; also what `init` needs). Submodules tokenizer/ and
+  encoder/ are TRecViT's, so their parameters are interchangeable with TRecViT's.
+  """
+
+  cfg: TRecViTConfig
+  decoder: MAEDecoderConfig = MAEDecoderConfig()
+
+  def setup(self):
+    self.tokenizer = Tokenizer(self.cfg)
+    self.encoder = Encoder(self.cfg)
+    self.mae_decoder = MAEDecoder(self.cfg, self.decoder)
+
+  def encode(self, video_BTHWC, keep_BK=None):
+    """Encoder on the visible tubes only: [b, t', (1 +) k, c] (k = n without keep_BK)."""
+    check_video(self.cfg, video_BTHWC.shape)
+    x = self.tokenizer(video_BTHWC, keep_BK)
+    x = nn.with_logical_constraint(x, ("act_batch", None, None, "act_embed"))
+    encoded, _ = self.encoder(x)
+    return encoded
+
+  def __call__(self, video_BTHWC, keep_BK=None):
+    grid_hw = grid_size(self.cfg, video_BTHWC.shape)
+    n = grid_hw[0] * grid_hw[1]
+    if keep_BK is None:
+      keep_BK = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None], (video_BTHWC.shape[0], n))
+    encoded = self.encode(video_BTHWC, keep_BK)
+    pred, pred_pixels = self.mae_decoder(encoded, keep_BK, grid_hw)
+    return dict(pred=pred, pred_pixels=pred_pixels, mask=mask_from_keep(keep_BK, n))
