@@ -73,10 +73,11 @@ def test_one_frame_is_at_chance(data):
 
 
 def test_two_frames_give_the_class(data):
-  x_train, y_train = load(data, "train", [0, 1])
-  x_val, y_val = load(data, "validation", [0, 1])
+  # Frames 0 and 2: 2..3 px of motion, well clear of the background's zero-shift peak.
+  x_train, y_train = load(data, "train", [0, 2])
+  x_val, y_val = load(data, "validation", [0, 2])
   accuracy = nearest_centroid(cross_correlation(x_train), y_train, cross_correlation(x_val), y_val)
-  assert accuracy > 0.9
+  assert accuracy > 0.95
 
 
 def test_layout_balance_and_determinism(data, tmp_path):
