@@ -227,7 +227,9 @@ def convert(
   bounds = _shard_bounds(len(tasks), num_shards)
   records_per_shard = [0] * num_shards
   results = _results(tasks, workers)
-  bar = tqdm(total=len(tasks), desc=f"convert {split}", unit="video", disable=not progress)
+  bar = tqdm(
+    total=len(tasks), desc=f"convert {split}", unit="video", mininterval=1.0, disable=not progress
+  )
   try:
     for shard, (start, end) in enumerate(bounds):
       with shards.AtomicShardWriter(out_dir / shards.shard_name(split, shard, num_shards)) as w:

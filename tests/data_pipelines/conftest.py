@@ -37,13 +37,13 @@ def write_video(path, frames: np.ndarray, fps: int, codec: str) -> None:
       container.mux(packet)
 
 
-@pytest.fixture(name="make_frames")
+@pytest.fixture(name="make_frames", scope="session")
 def make_frames_fixture():
   """The moving_bar_frames helper, as a fixture (test modules cannot import conftest)."""
   return moving_bar_frames
 
 
-@pytest.fixture(name="write_video")
+@pytest.fixture(name="write_video", scope="session")
 def write_video_fixture():
   """The write_video helper, as a fixture."""
   return write_video
