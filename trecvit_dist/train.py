@@ -512,6 +512,8 @@ def train_and_evaluate(
         break
       if step % config.eval_every_steps == 0 or is_last:
         eval_result = run_eval(step)
+    if start_step >= config.total_steps:  # rerunning a finished run: just evaluate it again
+      eval_result = run_eval(step)
   if pending is not None:
     _, train_losses = _fetch(pending, accumulated, train_losses)
   ckpt.close()  # waits for the last save: a preempted run exits only once it is complete
