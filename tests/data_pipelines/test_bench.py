@@ -29,5 +29,5 @@ def test_bench_prints_clips_per_second_last(tiny_data, capsys):
     ]
   )
   lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[0].startswith("jpeg decode ms/frame: simplejpeg")
+  assert lines[0].startswith("jpeg decode cpu ms/frame: simplejpeg")
   assert re.fullmatch(r"clips/s: \d+\.\d", lines[-1])
