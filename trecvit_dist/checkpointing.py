@@ -383,6 +383,15 @@ class PreemptionWatcher:
     flags = multihost_utils.process_allgather(np.asarray(self.flag, np.int32))
     return bool(np.any(flags))
 
+  def __enter__(self) -> PreemptionWatcher:
+    return self
+
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    # A failing run gets the old handler back at once (so a SIGTERM stops it); a finishing one
+    # keeps this handler until close(), after its last save, which a SIGTERM must not cut short.
+    if exc_type is not None:
+      self.close()
+
   def close(self) -> None:
     """Puts back the SIGTERM handler that was there before."""
     if self._installed:

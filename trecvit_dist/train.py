@@ -394,8 +394,6 @@ def train_and_evaluate(
     keep=config.keep_checkpoints,
     keep_every_steps=config.keep_every_steps,
   )
-  # From here on a SIGTERM is a preemption: the run stops after a step, saves and exits 42.
-  preemption = checkpointing.PreemptionWatcher()
   restored = ckpt.restore_latest(abstract_state)
   if restored is not None:
     start_step, state, data_state = restored
@@ -437,6 +435,9 @@ def train_and_evaluate(
   flops_per_step = metrics.train_flops_per_clip(cfg, d.num_frames, d.image_size) * config.batch_size
   peak = metrics.peak_flops_per_device(config.peak_flops_per_device)
   config_json = config.to_dict()
+  # From here on a SIGTERM is a preemption: the run stops after a step, saves and exits 42
+  # (before, no step has run since the last checkpoint, so a SIGTERM loses nothing).
+  preemption = checkpointing.PreemptionWatcher()
 
   def run_eval(step):
     result = evaluate(eval_step, state["params"], config, data_path, mesh)
@@ -454,7 +455,7 @@ def train_and_evaluate(
   preempted = False
   step = start_step
   profile_start, profile_stop = config.profile_steps
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), preemption:
     while step < config.total_steps:
       if profile_stop > profile_start and step == profile_start and jax.process_index() == 0:
         jax.profiler.start_trace(str(epath.Path(workdir) / "profile"))
