@@ -13,6 +13,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import time
 
 import flax
 import flax.linen as nn
@@ -341,3 +342,16 @@ def test_init_from_official_npz_and_from_another_workdir(tiny_config, tmp_path):
       assert loaded[key].shape[-1] == 7
     else:
       np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+
+
+def test_sigterm_sets_the_flag_and_a_failing_run_gets_the_old_handler_back():
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(RuntimeError, match="boom"), checkpointing.PreemptionWatcher() as watcher:
+    assert not watcher.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not watcher.flag and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert watcher.should_stop(2)
+    raise RuntimeError("boom")
+  assert signal.getsignal(signal.SIGTERM) is before
