@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from trecvit_dist import mae_task, official, train
+from trecvit_dist import mae_task, official, sharding, train
 from trecvit_dist.models import TRecViT, from_official_json
 from trecvit_dist.models import mae as mae_lib
 from trecvit_dist.models.readout import (
@@ -61,8 +61,10 @@ def make_mae(config):
 
 
 def init_params(model, video):
-  """Unboxed params; jitted, as the trainer does (eager init dispatches op by op: slow)."""
-  return jax.jit(lambda r, v: nn.meta.unbox(model.init(r, v)["params"]))(jax.random.key(0), video)
+  """Unboxed params, jitted (eager init dispatches op by op). An rbg key: threefry's init
+  compiles 2-3x slower on CPU, and these tests need some parameters, not the trainer's."""
+  init = jax.jit(lambda r, v: nn.meta.unbox(model.init(r, v)["params"]))
+  return init(jax.random.key(0, impl="rbg"), video)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,7 @@ def test_masked_positions_are_tubes_over_all_frames():
 
 
 def test_encoder_on_visible_tubes_equals_encoder_on_gathered_tokens(mae_setup):
+  """Also: the MAE's tokenizer/ and encoder/ trees are TRecViT's; keep_BK's order is free."""
   _, cfg, model, params, video = mae_setup
   keep, _ = tube_mask(jax.random.key(3), 2, 16, 0.75)
 
@@ -132,9 +135,12 @@ def test_encoder_on_visible_tubes_equals_encoder_on_gathered_tokens(mae_setup):
     tokens = Tokenizer(cfg).apply({"params": p["tokenizer"]}, v)  # all n tubes + CLS
     visible = jnp.take_along_axis(tokens[:, :, 1:], k[:, None, :, None], axis=2)
     gathered = jnp.concatenate([tokens[:, :, :1], visible], axis=2)
-    return masked, Encoder(cfg).apply({"params": p["encoder"]}, gathered)[0]
+    # The decoder puts tokens back by position: the order of keep_BK does not matter.
+    sorted_, reversed_ = (model.apply({"params": p}, v, kk)["pred"] for kk in (k, k[:, ::-1]))
+    return masked, Encoder(cfg).apply({"params": p["encoder"]}, gathered)[0], sorted_, reversed_
 
-  masked, expected = both(params, video, keep)
+  masked, expected, pred, pred_reversed = both(params, video, keep)
+  np.testing.assert_allclose(pred_reversed, pred, atol=TOL, rtol=0)
   assert masked.shape == (2, 4, 1 + 4, cfg.width)
   np.testing.assert_allclose(masked, expected, atol=TOL, rtol=0)
   # tokenizer/ and encoder/ are TRecViT's, parameter for parameter.
@@ -218,19 +224,32 @@ def test_mae_loss_gradients_eval_step_and_images(mae_setup):
   ratio, norm_pix = config.mae.ratio, config.mae.norm_pix
   assert norm_pix  # the pixel probe is what PSNR uses
 
-  @jax.jit
-  def grads(p, rng):
+  def grads(p, v, rng):
     def losses(q):
-      loss, aux = mae_task.mae_loss(model, q, video, rng, ratio, norm_pix)
+      loss, aux = mae_task.mae_loss(model, q, v, rng, ratio, norm_pix)
       return jnp.stack([loss, aux["loss_pixels"]]), (loss, aux)
 
     # One vmapped backward pass for both rows: d(loss) and d(loss_pixels).
     jac, (loss, aux) = jax.jacrev(losses, has_aux=True)(p)
-    keep, _ = mae_lib.tube_mask(rng, video.shape[0], 16, ratio)
-    out = model.apply({"params": p}, video, keep)
+    keep, _ = mae_lib.tube_mask(rng, v.shape[0], 16, ratio)
+    out = model.apply({"params": p}, v, keep)
     return loss, aux, jax.tree.map(lambda x: x[0], jac), jax.tree.map(lambda x: x[1], jac), out
 
-  loss, aux, g, g_probe, out = grads(params, jax.random.key(5))
+  # Sharded as the trainer shards (batch over data x fsdp, parameters by their logical names),
+  # checked against numpy below.
+  mesh = sharding.make_mesh(1, 2, 2, jax.devices()[:4])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    sample = jax.ShapeDtypeStruct((1,) + video.shape[1:], video.dtype)
+    init_state = train.make_init_state(model, optax.identity(), sample, 0)
+    param_shardings = train.state_shardings_for(init_state, mesh, 0)["params"]
+    video_sharding = sharding.batch_sharding(mesh, 5)
+    loss, aux, g, g_probe, out = jax.jit(
+      grads, in_shardings=(param_shardings, video_sharding, None)
+    )(
+      jax.device_put(params, param_shardings),
+      jax.device_put(video, video_sharding),
+      jax.random.key(5),
+    )
   # The loss is the masked MSE against per-patch, per-channel normalised pixels (numpy here).
   x = np.asarray(video).reshape(2, 4, 4, 8, 4, 8, 3).transpose(0, 1, 2, 4, 3, 5, 6)
   x = x.reshape(2, 4, 16, 64, 3)
