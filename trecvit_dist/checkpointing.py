@@ -127,9 +127,9 @@ def _type_handlers():
   """The default Orbax type handlers, with replica-parallel array saving only on TPU.
 
   Replica-parallel saving slices every replicated array with a compiled op per shape, on the
-  loop's thread: on CPU that blocked the first save of the tiny model for 27 s (Orbax already
-  turns it off on GPU). Without it, replica 0 of each shard is written by the process holding
-  it, so every process still writes its own shards of sharded arrays.
+  loop's thread: on CPU that blocked the first save of the data-parallel tiny model for 7 s
+  (Orbax already turns it off on GPU; see docs/benchmarks.md). Without it, replica 0 of each
+  shard is written by the process holding it, so every process still writes its own shards.
   """
   types = ocp.type_handlers
   registry = types.create_type_handler_registry(
