@@ -9,6 +9,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TPU AOT tests load libtpu; let a subprocess (compile_check's CLI test) load it as well.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 

@@ -14,6 +14,8 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# AOT compilation only: don't take libtpu's single-process lock (tests and a second check may run).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import flax.linen as nn  # noqa: E402
