@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -339,6 +340,8 @@ def train_and_evaluate(
   devices: the devices of the mesh (default: all of them).
   """
   # --- Config and workdir: fail before anything slow.
+  if "://" not in workdir:  # Orbax needs absolute local paths; gs:// paths are absolute
+    workdir = os.path.abspath(workdir)
   checkpointing.check_workdir_writable(workdir)
   data_path = resolve_data(config, workdir)
   classes = pipeline.read_classes(data_path)

@@ -132,3 +132,13 @@ def test_decay_mask_skips_norms_biases_posemb_and_a_param():
       mask["norm"]["scale"],
     ]
   )
+
+
+def test_relative_workdir_checkpoints_and_resumes(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # the README's command passes a relative --workdir
+  config = tiny_config(checkpoint_every_steps=1, total_steps=2)
+  first = run(config, "workdirs/relative")
+  assert sorted(first.train_losses) == [1, 2]
+  assert (tmp_path / "workdirs" / "relative" / "checkpoints" / "2").is_dir()
+  again = run(tiny_config(checkpoint_every_steps=1, total_steps=3), "workdirs/relative")
+  assert sorted(again.train_losses) == [3]
