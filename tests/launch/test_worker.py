@@ -37,6 +37,7 @@ print("fake trainer started", flush=True)
 if os.environ.get("FAKE_WAIT_FOR_TERM"):
   # Like the real trainer: SIGTERM -> checkpoint -> exit 42.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(42))
+  open(os.path.join(home, "ready"), "w").close()  # handler installed: SIGTERM now means 42
   while True:
     time.sleep(0.05)
 sys.exit(int(os.environ.get("FAKE_RC", "0")))
@@ -133,6 +134,11 @@ def test_stop_checkpoints_then_frees_the_tpu(worker, tmp_path):
   lockfile.write_text("")
   worker.remote("run", extra_env={"FAKE_WAIT_FOR_TERM": "1"})
   assert worker.status() == ["running"]
+  # Under load the fake trainer may not have installed its SIGTERM handler yet: wait for it.
+  deadline = time.monotonic() + 30
+  while not (worker.home / "ready").exists():
+    assert time.monotonic() < deadline, "fake trainer never became ready"
+    time.sleep(0.05)
   # A second run must not start a second trainer on a busy TPU.
   again = worker.remote("run", check=False)
   assert again.returncode != 0 and "already running" in again.stderr
