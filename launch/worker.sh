@@ -130,6 +130,9 @@ cmd_stop() {
   if [[ -f $TRAINER_PID_FILE ]]; then
     pids="$pids $(<"$TRAINER_PID_FILE")"
   fi
+  # Once each: a second SIGTERM can land while Python is exiting from the first (handlers already
+  # reset), killing it with 143 instead of letting it exit 42.
+  pids=$(tr ' ' '\n' <<<"$pids" | sort -u)
   # SIGTERM first: the trainer saves a checkpoint on SIGTERM (and exits 42).
   for pid in $pids; do
     kill -TERM "$pid" 2>/dev/null || true
