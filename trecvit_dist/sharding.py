@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -60,7 +61,7 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(data, fsdp, tensor, len(devices))
   try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # noqa: BLE001 (non-physical shapes on CPU or AOT topologies)
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES)
@@ -82,6 +83,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-import jax.experimental.mesh_utils  # noqa: E402 (registers jax.experimental.mesh_utils)

@@ -71,7 +71,7 @@ def validate(config: ml_collections.ConfigDict, mesh, cfg: TRecViTConfig) -> Non
   errors = []
   divisor = sharding.batch_divisor(mesh)
   for name, value in (("batch_size", config.batch_size), ("eval batch", eval_batch_size(config))):
-    if value % (divisor * jax.process_count()) and value % divisor:
+    if value % divisor:
       errors.append(f"{name} {value} is not divisible by the data-parallel size {divisor}")
     if value % jax.process_count():
       errors.append(f"{name} {value} is not divisible by the {jax.process_count()} processes")
