@@ -5,16 +5,14 @@ resume masks identically); `make_mae_eval_step` sums loss and PSNR over an eval 
 RNG, e.g. fold_in(key(seed), batch index), so evaluations at different steps see the same masks);
 `make_mae_images` gives input / masked / reconstruction images for TensorBoard.
 readout: `build_model` gives a ReadoutModel, a drop-in for TRecViT in train.make_train_step and
-make_eval_step; wrap the optimizer with readout.frozen_encoder_tx; `readout_init_from` loads the
-encoder from an MAE workdir or an official .npz.
+make_eval_step; the trainer wraps the optimizer with readout.frozen_encoder_tx and loads the
+encoder with train.init_from (an MAE workdir or an official .npz).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,7 +20,7 @@ import ml_collections
 
 from trecvit_dist.models import TRecViT, TRecViTConfig
 from trecvit_dist.models import mae as mae_lib
-from trecvit_dist.models.readout import ReadoutModel, load_encoder_params
+from trecvit_dist.models.readout import ReadoutModel
 
 Params = Any
 
@@ -111,7 +109,7 @@ def _flatten_views(video):
 
 
 def make_mae_eval_step(model, ratio: float, norm_pix: bool):
-  """eval_step(params, batch, rng) -> sums {loss, loss_pixels, psnr, count}; divide by count.
+  """eval_step(params, batch, rng) -> sums {loss, loss_pixels, psnr_masked, count}; / count.
 
   batch: video [B, views, T, H, W, 3] or [B, T, H, W, 3], optional mask [B] (padding rows 0);
   every view is one sample. Labels are not read.
@@ -128,7 +126,7 @@ def make_mae_eval_step(model, ratio: float, norm_pix: bool):
     return dict(
       loss=jnp.sum(loss * weight),
       loss_pixels=jnp.sum(loss_pixels * weight),
-      psnr=jnp.sum(psnr * weight),
+      psnr_masked=jnp.sum(psnr * weight),
       count=jnp.sum(weight),
     )
 
@@ -153,55 +151,6 @@ def make_mae_images(model, ratio: float, norm_pix: bool, max_videos: int = 4, ma
     )
 
   return images
-
-
-# ----------------------------------------------------------------------------- readout
-
-
-def readout_init_from(
-  params: Params, source: str, cfg: TRecViTConfig, image_size: int
-) -> tuple[Params, list[str]]:
-  """(params, ignored keys): tokenizer/ and encoder/ from `source`, readout/ kept as initialised.
-
-  source: an official-layout .npz (e.g. trecvit_B_mae.npz; its decoder keys are ignored and
-  listed) or a workdir (MAE or classification run: newest checkpoint, params only, restored onto
-  the target's shardings; ignored keys are not listed for workdirs).
-  """
-  flat_target = flax.traverse_util.flatten_dict(params, sep="/")
-  wanted = {k: v for k, v in flat_target.items() if k.startswith(("tokenizer/", "encoder/"))}
-  ignored: list[str] = []
-  if source.endswith(".npz"):
-    from trecvit_dist import official
-
-    encoder, ignored = load_encoder_params(official.load_npz(source), cfg, (image_size, image_size))
-    loaded = flax.traverse_util.flatten_dict(encoder, sep="/")
-  else:
-    from trecvit_dist import checkpointing
-
-    ckpt = checkpointing.Checkpointer(source, every_steps=0, keep=1, read_only=True)
-    try:
-      step, loaded = ckpt.load_params(wanted)
-    except checkpointing.CheckpointError as e:
-      raise ValueError(f"init_from={source}: {e}") from e
-    finally:
-      ckpt.close()
-    logging.info("readout init_from: encoder of step %d of %s.", step, source)
-  missing = sorted(
-    k for k, v in wanted.items() if k not in loaded or tuple(loaded[k].shape) != tuple(v.shape)
-  )
-  if missing:
-    raise ValueError(
-      f"init_from={source}: {len(missing)} encoder parameter(s) missing or mis-shaped, e.g. "
-      f"{missing[:5]}; check the model size, patch size and image size."
-    )
-  if ignored:
-    logging.info("readout init_from: ignored %d keys of %s: %s", len(ignored), source, ignored)
-  out = dict(flat_target)
-  for k, target in wanted.items():
-    value = jnp.asarray(loaded[k], target.dtype)
-    sharding = getattr(target, "sharding", None)
-    out[k] = jax.device_put(value, sharding) if sharding is not None else value
-  return flax.traverse_util.unflatten_dict(out, sep="/"), ignored
 
 
 # ----------------------------------------------------------------------------- config checks

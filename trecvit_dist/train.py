@@ -25,8 +25,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from data_pipelines import pipeline, synthetic
-from trecvit_dist import checkpointing, metrics, official, sharding
-from trecvit_dist.models import TRecViT, TRecViTConfig, make_config
+from trecvit_dist import checkpointing, mae_task, metrics, official, sharding
+from trecvit_dist.models import TRecViTConfig, make_config
+from trecvit_dist.models.readout import frozen_encoder_tx, load_encoder_params
 
 State = dict[str, Any]  # {"step": int32 [], "params": ..., "opt_state": ..., "rng": uint32 [2]}
 
@@ -36,6 +37,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------- config helpers
+
+
+TASKS = ("classification", "mae", "readout")
+
+
+def task_of(config: ml_collections.ConfigDict) -> str:
+  """config.task: "classification" (default), "mae" pre-training or "readout" on frozen features."""
+  return config.get("task", "classification")
 
 
 def model_config(config: ml_collections.ConfigDict, num_classes: int) -> TRecViTConfig:
@@ -98,6 +107,10 @@ def validate(config: ml_collections.ConfigDict, mesh, cfg: TRecViTConfig) -> Non
     )
   if config.total_steps < 1:
     errors.append(f"total_steps must be >= 1, got {config.total_steps}")
+  if task_of(config) not in TASKS:
+    errors.append(f"task {task_of(config)!r} is not one of {TASKS}")
+  else:
+    errors += mae_task.config_errors(config, cfg, dict(mesh.shape))
   if errors:
     raise ValueError("Invalid config: " + "; ".join(errors) + ".")
 
@@ -165,7 +178,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
 # ----------------------------------------------------------------------------- state
 
 
-def make_init_state(model: TRecViT, tx, sample: jax.ShapeDtypeStruct, seed: int):
+def make_init_state(model: nn.Module, tx, sample: jax.ShapeDtypeStruct, seed: int):
   """init_state(rng) -> State with logically-annotated (boxed) params and optimizer state."""
 
   def init_state(rng) -> State:
@@ -198,42 +211,55 @@ def classification_loss(logits, labels, num_classes: int, smoothing: float):
   return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
-def make_train_step(model: TRecViT, tx, schedule, config):
-  """train_step(state, batch) -> (state, metrics); batch: video [B, T, H, W, 3], label [B]."""
-  accum = config.grad_accum_steps
+def make_loss_fn(model, config):
+  """loss_fn(params, video, label, rng) -> (loss, aux dict) of config.task.
+
+  classification and readout: cross-entropy (aux empty); mae: mae_task.make_mae_loss_fn (aux:
+  psnr and loss_pixels, labels not read).
+  """
+  if task_of(config) == "mae":
+    return mae_task.make_mae_loss_fn(model, config)
   num_classes = model.cfg.num_classes
 
   def loss_fn(params, video, label, rng):
     logits = model.apply({"params": params}, video, train=True, rngs={"dropout": rng})
-    return classification_loss(logits, label, num_classes, config.label_smoothing)
+    return classification_loss(logits, label, num_classes, config.label_smoothing), {}
+
+  return loss_fn
+
+
+def make_train_step(model, tx, schedule, config):
+  """train_step(state, batch) -> (state, metrics); batch: video [B, T, H, W, 3], label [B]."""
+  accum = config.grad_accum_steps
+  grad_fn = jax.value_and_grad(make_loss_fn(model, config), has_aux=True)
+  metrics_cls = metrics.train_metrics_class(task_of(config))
 
   def train_step(state: State, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grad_fn = jax.value_and_grad(loss_fn)
     if accum == 1:
-      loss, grads = grad_fn(state["params"], batch["video"], batch["label"], rng)
+      (loss, aux), grads = grad_fn(state["params"], batch["video"], batch["label"], rng)
     else:
       # Micro-batch i takes rows i::accum, so each device's rows stay on that device.
       def micro(x):
         return jnp.moveaxis(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 1, 0)
 
       def body(carry, xs):
-        loss_sum, grad_sum = carry
         video, label, i = xs
-        loss, grads = grad_fn(state["params"], video, label, jax.random.fold_in(rng, i))
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+        (loss, aux), grads = grad_fn(state["params"], video, label, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state["params"])
-      (loss, grads), _ = jax.lax.scan(
-        body,
-        (jnp.zeros((), jnp.float32), zeros),
-        (micro(batch["video"]), micro(batch["label"]), jnp.arange(accum)),
-      )
-      loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+      videos, labels = micro(batch["video"]), micro(batch["label"])
+      shapes = jax.eval_shape(grad_fn, state["params"], videos[0], labels[0], rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (*shapes[0], shapes[1]))
+      totals, _ = jax.lax.scan(body, zeros, (videos, labels, jnp.arange(accum)))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, totals)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    step_metrics = metrics.TrainMetrics.single_from_model_output(
-      loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state["step"])
+    step_metrics = metrics_cls.single_from_model_output(
+      loss=loss,
+      grad_norm=optax.tree.norm(grads),
+      learning_rate=schedule(state["step"]),
+      **aux,
     )
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, step_metrics
@@ -241,7 +267,7 @@ def make_train_step(model: TRecViT, tx, schedule, config):
   return train_step
 
 
-def make_eval_step(model: TRecViT):
+def make_eval_step(model):
   """eval_step(params, batch) -> sums; batch video [B, views, T, H, W, 3], label [B], mask [B].
 
   Multi-view prediction averages the logits over views (temporal clips x spatial crops).
@@ -268,37 +294,67 @@ def make_eval_step(model: TRecViT):
   return eval_step
 
 
+def eval_rng(seed: int, batch_index):
+  """The MAE masks of eval batch i: the same at every evaluation, so curves compare alike."""
+  return jax.random.fold_in(jax.random.key(seed + 1), batch_index)
+
+
+def make_task_eval_step(model, config):
+  """eval_step(params, batch, batch_index) -> sums of config.task (with "count": divide by it)."""
+  if task_of(config) == "mae":
+    step = mae_task.make_mae_eval_step(model, float(config.mae.ratio), bool(config.mae.norm_pix))
+    return lambda params, batch, i: step(params, batch, eval_rng(config.seed, i))
+  step = make_eval_step(model)
+  return lambda params, batch, i: step(params, batch)
+
+
 # ----------------------------------------------------------------------------- init_from
+
+
+# Heads that init_from may leave freshly initialised when the source lacks them (or, for the
+# classifier, has another class count): the classifier, the MAE pixel decoder, the readout.
+HEAD_PREFIXES = ("decoder/", "mae_decoder/", "readout/")
 
 
 def init_from(params, source: str, cfg: TRecViTConfig, image_size: int):
   """Loads params from an official .npz or another workdir's newest checkpoint (params only).
 
-  The classifier (decoder/cls_head) is kept freshly initialised when its shape differs.
+  The tokenizer and encoder must load; a head (HEAD_PREFIXES) is kept freshly initialised when
+  the source has none of that shape: a new class count, classification or readout from an MAE
+  run or the released trecvit_B_mae.npz, MAE from a supervised run. Every re-initialised and every
+  ignored source key is logged.
   """
   flat_target = flax.traverse_util.flatten_dict(params, sep="/")
   if source.endswith(".npz"):
     flat = official.load_npz(source)
-    head_mismatch = any(
-      k.startswith("decoder/cls_head")
-      and k in flat_target
-      and flat[k].shape != flat_target[k].shape
-      for k in flat
-    )
-    flat = {
-      k: v for k, v in flat.items() if not (head_mismatch and k.startswith("decoder/cls_head"))
-    }
-    loaded = official.import_params(
-      flat,
-      cfg,
-      (image_size, image_size),
-      ignore_prefixes=("mae_decoder/",),
-      allow_missing_prefixes=("decoder/cls_head",) if head_mismatch else (),
-    )
+    wants_classifier = any(k.startswith("decoder/cls_head") for k in flat_target)
+    if wants_classifier and any(k.startswith("decoder/cls_head") for k in flat):
+      head_mismatch = any(
+        k.startswith("decoder/cls_head")
+        and k in flat_target
+        and flat[k].shape != flat_target[k].shape
+        for k in flat
+      )
+      flat = {
+        k: v for k, v in flat.items() if not (head_mismatch and k.startswith("decoder/cls_head"))
+      }
+      loaded = official.import_params(
+        flat,
+        cfg,
+        (image_size, image_size),
+        ignore_prefixes=("mae_decoder/",),
+        allow_missing_prefixes=("decoder/cls_head",) if head_mismatch else (),
+      )
+    else:
+      # Encoder only (an MAE release, or a classifier into an MAE / readout model): every
+      # tokenizer/ and encoder/ key must match; the rest of the file is listed, not loaded.
+      loaded, ignored = load_encoder_params(flat, cfg, (image_size, image_size))
+      if ignored:
+        logging.info("init_from: ignored %d keys of %s: %s", len(ignored), source, ignored)
     loaded = flax.traverse_util.flatten_dict(loaded, sep="/")
   else:
     # Another run's workdir: read-only, params only, restored onto this run's shardings (so a
-    # different mesh or device count works); a differently shaped classifier is not read.
+    # different mesh or device count works); a differently shaped head is not read.
     source_ckpt = checkpointing.Checkpointer(source, every_steps=0, keep=1, read_only=True)
     try:
       step, loaded = source_ckpt.load_params(flat_target)
@@ -307,16 +363,23 @@ def init_from(params, source: str, cfg: TRecViTConfig, image_size: int):
     finally:
       source_ckpt.close()
     logging.info("init_from: parameters of step %d of %s.", step, source)
-  out = {}
+  out, fresh, bad = {}, [], []
   for key, target in flat_target.items():
     value = loaded.get(key)
-    if value is None or tuple(value.shape) != tuple(target.shape):
-      if not key.startswith("decoder/cls_head"):
-        raise ValueError(f"init_from={source}: parameter {key} missing or mis-shaped.")
-      logging.info("init_from: re-initialising %s (shape differs: new class count).", key)
-      out[key] = target
-    else:
+    if value is not None and tuple(value.shape) == tuple(target.shape):
       out[key] = jax.device_put(jnp.asarray(value, target.dtype), target.sharding)
+    elif key.startswith(HEAD_PREFIXES):
+      out[key] = target
+      fresh.append(key)
+    else:
+      bad.append(key)
+  if bad:
+    raise ValueError(
+      f"init_from={source}: {len(bad)} parameter(s) missing or mis-shaped, e.g. {bad[:5]}; check "
+      "the model size, patch size and image size against the source's."
+    )
+  if fresh:
+    logging.info("init_from: %d head parameter(s) freshly initialised: %s", len(fresh), fresh)
   return flax.traverse_util.unflatten_dict(out, sep="/")
 
 
@@ -344,9 +407,8 @@ def train_and_evaluate(
     workdir = os.path.abspath(workdir)
   checkpointing.check_workdir_writable(workdir)
   data_path = resolve_data(config, workdir)
-  classes = pipeline.read_classes(data_path)
-  num_classes = config.model.num_classes or len(classes)
-  cfg = model_config(config, num_classes)
+  task = task_of(config)
+  cfg = model_config(config, num_classes_of(config, data_path))
 
   # --- Mesh.
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
@@ -372,8 +434,10 @@ def train_and_evaluate(
   )
 
   # --- Model and optimizer, initialised shape-first.
-  model = TRecViT(cfg)
+  model = mae_task.build_model(config, cfg)
   tx, schedule = make_optimizer(config)
+  if task == "readout":  # the encoder is frozen: no updates, no optimizer state, no decay
+    tx = frozen_encoder_tx(tx)
   sample = jax.ShapeDtypeStruct((1, d.num_frames, d.image_size, d.image_size, 3), jnp.float32)
 
   init_state = make_init_state(model, tx, sample, config.seed)
@@ -388,7 +452,7 @@ def train_and_evaluate(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
   )
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
-  logging.info("TRecViT %s: %.2fM parameters.", cfg, num_params / 1e6)
+  logging.info("TRecViT (%s) %s: %.2fM parameters.", task, cfg, num_params / 1e6)
 
   # --- Checkpoint restore. Resume order: existing checkpoint -> init_from -> scratch.
   ckpt = checkpointing.Checkpointer(
@@ -420,22 +484,33 @@ def train_and_evaluate(
       donate_argnums=0,
     )
     eval_step = jax.jit(
-      make_eval_step(model),
-      in_shardings=(
-        state_shardings["params"],
-        dict(
-          video=sharding.batch_sharding(mesh, 6),
-          label=sharding.batch_sharding(mesh),
-          mask=sharding.batch_sharding(mesh),
-        ),
-      ),
+      make_task_eval_step(model, config),
+      in_shardings=(state_shardings["params"], eval_batch_shardings(mesh), None),
       out_shardings=sharding.replicated(mesh),
     )
+    images_step = None
+    if task == "mae":  # input / masked / reconstruction of the first eval videos, replicated
+      m = config.mae
+      images = mae_task.make_mae_images(
+        model, float(m.ratio), bool(m.norm_pix), m.image_videos, m.image_frames
+      )
+
+      def replicated_images(p, video, i):
+        # A handful of videos, fewer than the devices: computed whole on each device (no
+        # sharding rules) rather than split unevenly over the data axis.
+        with nn.logical_axis_rules(()):
+          return images(p, video, eval_rng(config.seed, i))
+
+      images_step = jax.jit(
+        replicated_images,
+        in_shardings=(state_shardings["params"], sharding.batch_sharding(mesh, 6), None),
+        out_shardings=sharding.replicated(mesh),
+      )
 
   writer = metrics.create_writer(workdir)
   if start_step == 0 and jax.process_index() == 0:
     writer.write_hparams({k: str(v) for k, v in flatten_config(config).items()})
-  flops_per_step = metrics.train_flops_per_clip(cfg, d.num_frames, d.image_size) * config.batch_size
+  flops_per_step = task_flops_per_clip(config, cfg) * config.batch_size
   peak = metrics.peak_flops_per_device(config.peak_flops_per_device)
   config_json = config.to_dict()
   # From here on a SIGTERM is a preemption: the run stops after a step, saves and exits 42
@@ -443,8 +518,10 @@ def train_and_evaluate(
   preemption = checkpointing.PreemptionWatcher()
 
   def run_eval(step):
-    result = evaluate(eval_step, state["params"], config, data_path, mesh)
+    result, images = evaluate(eval_step, state["params"], config, data_path, mesh, images_step)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    if images is not None:
+      writer.write_images(step, {"eval/mae_input_masked_reconstruction": images})
     logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in result.items()})
     return result
 
@@ -463,6 +540,11 @@ def train_and_evaluate(
       if profile_stop > profile_start and step == profile_start and jax.process_index() == 0:
         jax.profiler.start_trace(str(epath.Path(workdir) / "profile"))
       local = next(train_iter)
+      if task != "mae" and np.any(local["label"] < 0):
+        raise ValueError(
+          f"Unlabelled videos (label -1) in {data_path} split {d.train_split!r} at step {step}; "
+          f"task={task} needs labels: use task=mae for unlabelled data, or convert with labels."
+        )
       batch = pipeline.global_batch(local, batch_shardings)
       state, step_metrics = train_step(state, batch)
       step += 1
@@ -549,8 +631,21 @@ def _fetch(pending, accumulated, train_losses):
   return (host if accumulated is None else accumulated.merge(host)), train_losses
 
 
-def evaluate(eval_step, params, config, data_path: str, mesh) -> dict[str, float]:
-  """One pass over the eval split: loss, top-1, top-5 (logits averaged over views)."""
+def eval_batch_shardings(mesh):
+  return dict(
+    video=sharding.batch_sharding(mesh, 6),
+    label=sharding.batch_sharding(mesh),
+    mask=sharding.batch_sharding(mesh),
+  )
+
+
+def evaluate(eval_step, params, config, data_path: str, mesh, images_step=None):
+  """One pass over the eval split -> ({metric: mean over videos}, images or None).
+
+  classification/readout: loss, top1, top5 (logits averaged over views); mae: loss, loss_pixels,
+  psnr_masked (every view one sample). images_step, if given, runs on the first batch: uint8
+  [N, 3H, F*W, 3] (the same masks as that batch's metrics), on every process.
+  """
   d = config.data
   it = pipeline.eval_iterator(
     data_path,
@@ -563,22 +658,50 @@ def evaluate(eval_step, params, config, data_path: str, mesh) -> dict[str, float
     num_crops=d.eval_crops,
     worker_count=0,
   )
-  shardings = dict(
-    video=sharding.batch_sharding(mesh, 6),
-    label=sharding.batch_sharding(mesh),
-    mask=sharding.batch_sharding(mesh),
-  )
-  totals = None
-  for local in it:
-    sums = eval_step(params, pipeline.global_batch(local, shardings))
+  shardings = eval_batch_shardings(mesh)
+  totals, images = None, None
+  for i, local in enumerate(it):
+    batch = pipeline.global_batch(local, shardings)
+    sums = eval_step(params, batch, i)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if images_step is not None and images is None:
+      # Replicated: this process's first shard is the whole array.
+      images = np.asarray(images_step(params, batch["video"], i).addressable_data(0))
   totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  return dict(
-    loss=float(totals["loss"]) / count,
-    top1=float(totals["top1"]) / count,
-    top5=float(totals["top5"]) / count,
-  )
+  count = max(float(totals.pop("count")), 1.0)
+  return {k: float(v) / count for k, v in totals.items()}, images
+
+
+def num_classes_of(config, data_path: str) -> int:
+  """model.num_classes, else the length of DATA/classes.txt (MAE: not read, no classifier)."""
+  if config.model.num_classes:
+    return config.model.num_classes
+  if task_of(config) == "mae":  # unlabelled data may have no (or an empty) classes.txt
+    return 1
+  classes = pipeline.read_classes(data_path)
+  if not classes:
+    raise ValueError(
+      f"{data_path}/classes.txt lists no classes: the data is unlabelled. Train it with "
+      "task=mae (e.g. configs/trecvit_mae_k400.py), or convert it with labels."
+    )
+  return len(classes)
+
+
+def task_flops_per_clip(config, cfg: TRecViTConfig) -> float:
+  """Analytic train FLOPs per clip of config.task (behind perf/mfu)."""
+  d, task = config.data, task_of(config)
+  if task == "mae":
+    n = (d.image_size // cfg.patch_size[1]) * (d.image_size // cfg.patch_size[2])
+    return metrics.mae_train_flops_per_clip(
+      cfg,
+      mae_task.decoder_config(config).blocks_config(cfg),
+      d.num_frames,
+      d.image_size,
+      visible=mae_task.mae_lib.num_visible(n, float(config.mae.ratio)),
+    )
+  if task == "readout":
+    return metrics.readout_train_flops_per_clip(cfg, d.num_frames, d.image_size)
+  return metrics.train_flops_per_clip(cfg, d.num_frames, d.image_size)
 
 
 def flatten_config(config) -> dict[str, Any]:

@@ -81,3 +81,9 @@ def tb_scalars():
 def load_config_fn():
   """load_config(name, arg=None): a config file's get_config, as the CLI loads it."""
   return load_config
+
+
+@pytest.fixture(scope="session")
+def shrink_fn():
+  """shrink(config, data_dir, **dotted overrides): any config made as small as tiny_config's."""
+  return shrink
