@@ -9,7 +9,7 @@ Hardware: TPU v5p-128 (64 chips) for B; global batch 1024. Paper settings: lr 3e
 masked patches. Ours, not in the supplementary: batch 1024, AdamW b2 0.95 and 40 warm-up epochs
 (VideoMAE's), per-patch normalised targets (norm_pix), a 4-layer TRecViT-block decoder of half the
 encoder's width. The encoder sees 21 of 197 tokens per frame, so no remat. Expected time and
-result (masked-patch loss, eval/psnr, and the readout accuracy of configs/trecvit_readout_*.py on
+result (masked-patch loss, eval/psnr_masked, and the readout accuracy of configs/trecvit_readout_*.py on
 its encoder): not measured yet.
 """
 

@@ -25,8 +25,8 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from trecvit_dist import metrics, sharding, train  # noqa: E402
-from trecvit_dist.models import TRecViT  # noqa: E402
+from trecvit_dist import mae_task, sharding, train  # noqa: E402
+from trecvit_dist.models.readout import frozen_encoder_tx  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG]")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "TPU topology, e.g. v5p:4x4x4, v5e:4x4")
@@ -67,8 +67,10 @@ def compile_step(config, devices, batch_size: int, num_classes: int):
   cfg = train.model_config(config, num_classes)
   with config.unlocked():
     config.batch_size = batch_size
-  model = TRecViT(cfg)
+  model = mae_task.build_model(config, cfg)
   tx, schedule = train.make_optimizer(config)
+  if train.task_of(config) == "readout":
+    tx = frozen_encoder_tx(tx)
   d = config.data
   sample = jax.ShapeDtypeStruct((1, d.num_frames, d.image_size, d.image_size, 3), jnp.float32)
   init_state = train.make_init_state(model, tx, sample, config.seed)
@@ -144,7 +146,7 @@ def main(argv):
       "Lower batch_size, enable model.remat, or raise mesh.fsdp."
     )
     sys.exit(1)
-  analytic = metrics.train_flops_per_clip(cfg, config.data.num_frames, config.data.image_size)
+  analytic = train.task_flops_per_clip(config, cfg)
   print(
     f"topology {_TOPOLOGY.value}: {len(devices)} chips, mesh {dict(mesh.shape)}, "
     f"global batch {batch}, {config.data.num_frames} frames at {config.data.image_size}px"
