@@ -101,33 +101,56 @@ def test_mae_on_unlabelled_data_resumes_exactly_and_logs(
   assert again.eval_metrics == straight.eval_metrics
 
 
-def test_readout_and_finetune_start_from_the_mae_workdir(
-  tiny_config, tiny_data, mae_config, tmp_path
+@pytest.mark.slow
+def test_mae_features_beat_random_features_in_a_readout_and_fine_tune(
+  load_config_fn, tiny_config, tmp_path
 ):
-  mae_dir = str(tmp_path / "mae")
-  mae = train.train_and_evaluate(mae_config(tiny_data, total_steps=2), mae_dir)
+  """configs/synthetic_mae_tiny.py as committed (400 steps), then synthetic_readout_tiny.py on
+  its encoder and on the same encoder at initialisation; an end-to-end fine-tune starts from it."""
+  mae_dir = tmp_path / "mae"
+  mae = train.train_and_evaluate(load_config_fn("synthetic_mae_tiny"), str(mae_dir))
+  losses = mae.train_losses
+  final = np.mean([losses[s] for s in range(381, 401)])
+  assert final < 0.1 * losses[1], (losses[1], final)  # falls clearly: 1.0 -> ~0.04
+  assert mae.eval_metrics["loss"] < 0.045 and mae.eval_metrics["psnr_masked"] > 14.0
   mae_params = flax.traverse_util.flatten_dict(jax.device_get(mae.state["params"]), sep="/")
-  assert any(k.startswith("mae_decoder/") for k in mae_params)
 
-  readout = tiny_config(task="readout", init_from=mae_dir, total_steps=3)
-  result = train.train_and_evaluate(readout, str(tmp_path / "readout"))
-  params = flax.traverse_util.flatten_dict(jax.device_get(result.state["params"]), sep="/")
-  encoder = [k for k in params if k.startswith(("tokenizer/", "encoder/"))]
-  assert encoder and all(np.array_equal(params[k], mae_params[k]) for k in encoder)  # frozen
-  readout_size = sum(v.size for k, v in params.items() if k.startswith("readout/"))
-  opt_size = sum(x.size for x in jax.tree.leaves(result.state["opt_state"]))
-  assert readout_size < opt_size < 2 * readout_size + 16  # Adam moments of the readout only
-  assert set(result.eval_metrics) == {"loss", "top1", "top5"}
+  # Random-init features: the MAE run's own initialisation, checkpointed untouched (lr 0).
+  init = load_config_fn("synthetic_mae_tiny")
+  init.total_steps, init.optimizer.learning_rate = 1, 0.0
+  init.data.path = str(mae_dir / "data")
+  train.train_and_evaluate(init, str(tmp_path / "init"))
 
+  top1 = {}
+  for name, source in (("mae", mae_dir), ("random", tmp_path / "init")):
+    config = load_config_fn("synthetic_readout_tiny")
+    config.init_from, config.data.path = str(source), str(mae_dir / "data")
+    result = train.train_and_evaluate(config, str(tmp_path / f"readout_{name}"))
+    top1[name] = result.eval_metrics["top1"]
+    if name == "mae":  # frozen: the encoder is the MAE's, bit for bit; Adam state only for readout/
+      params = flax.traverse_util.flatten_dict(jax.device_get(result.state["params"]), sep="/")
+      encoder = [k for k in params if k.startswith(("tokenizer/", "encoder/"))]
+      assert encoder and all(np.array_equal(params[k], mae_params[k]) for k in encoder)
+      readout_size = sum(v.size for k, v in params.items() if k.startswith("readout/"))
+      opt_size = sum(x.size for x in jax.tree.leaves(result.state["opt_state"]))
+      assert readout_size < opt_size < 2 * readout_size + 16
+  # Measured 52% vs 36% (chance 25%); over 3 readout seeds 52-54% vs 25-38%.
+  assert top1["mae"] >= 0.42 and top1["mae"] >= top1["random"] + 0.08, top1
+
+  # End-to-end fine-tuning from the MAE workdir: the encoder loads and trains, a new head.
   finetune = train.train_and_evaluate(
-    tiny_config(init_from=mae_dir, total_steps=1), str(tmp_path / "finetune")
+    tiny_config(
+      init_from=str(mae_dir),
+      total_steps=1,
+      **{"data.path": str(mae_dir / "data"), "model.width": 64, "model.mlp_dim": 128},
+      **{"model.num_heads": 4, "model.rep_size": 64, "data.num_frames": 8},
+    ),
+    str(tmp_path / "finetune"),
   )
   params = flax.traverse_util.flatten_dict(jax.device_get(finetune.state["params"]), sep="/")
   assert not any(k.startswith("mae_decoder/") for k in params)
-  moved = [
-    k for k in params if k.startswith("encoder/") and not np.array_equal(params[k], mae_params[k])
-  ]
-  assert moved  # end to end: the encoder trains
+  encoder = [k for k in params if k.startswith("encoder/")]
+  assert any(not np.array_equal(params[k], mae_params[k]) for k in encoder)
 
 
 def test_classification_refuses_unlabelled_data_and_readout_needs_init_from(
