@@ -43,6 +43,8 @@ def shrunk_mae_config(load_config_fn, **fields):
   config.model.rep_size = 32
   config.data.num_frames = 4
   config.mae.decoder_width, config.mae.decoder_heads = 16, 2
+  # The K400 config's targets (normalised patches: PSNR then comes from the pixel probe).
+  config.mae.norm_pix, config.mae.ratio = True, 0.75
   for key, value in fields.items():
     node = config
     *parents, leaf = key.split(".")
