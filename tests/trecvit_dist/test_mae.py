@@ -353,6 +353,20 @@ def test_load_encoder_params_from_official_fixture(tmp_path):
   encoded = jax.jit(lambda p, v: model.apply({"params": p}, v, method=model.encode))(full, video)
   np.testing.assert_allclose(encoded, io["output_encoded"], atol=FIXTURE_TOL, rtol=0)
 
+  # Fine-tuning from an encoder-only release: the encoder loads, the classifier starts fresh.
+  encoder_only = {k: v for k, v in flat.items() if k.startswith(("tokenizer/", "encoder/"))}
+  np.savez(tmp_path / "encoder_only.npz", **encoder_only)
+  classifier = TRecViT(cfg)
+  shapes = jax.eval_shape(classifier.init, jax.random.key(0), video[:1])["params"]
+  fresh = jax.tree.map(lambda x: jnp.full(x.shape, 7.0, x.dtype), nn.meta.unbox(shapes))
+  tuned = train.init_from(fresh, str(tmp_path / "encoder_only.npz"), cfg, 32)
+  tuned = flax.traverse_util.flatten_dict(tuned, sep="/")
+  assert sorted(k for k in tuned if not k.startswith("decoder/")) == sorted(encoder_only)
+  for k, v in tuned.items():
+    np.testing.assert_array_equal(
+      v, encoder_only[k] if k in encoder_only else np.full(v.shape, 7.0)
+    )
+
   bad = dict(flat)
   bad["encoder/encoder_norm/scale"] = np.zeros((3,), np.float32)
   with pytest.raises(ValueError, match="mis-shaped"):

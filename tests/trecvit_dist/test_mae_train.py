@@ -2,8 +2,9 @@
 
 Unlabelled data (label -1, no classes.txt) trains; a resumed MAE run masks exactly as an
 uninterrupted one; TensorBoard gets train/loss, train/psnr_masked, eval/psnr_masked and the
-input / masked / reconstruction images; a readout (frozen encoder) and an end-to-end fine-tune
-start from the MAE workdir; a classification run refuses unlabelled data.
+input / masked / reconstruction images; bad MAE configs and unlabelled classification fail
+clearly. Slow: configs/synthetic_mae_tiny.py's loss falls, and a readout (frozen encoder) on its
+features beats the same readout on the random-init encoder; fine-tuning starts from its workdir.
 """
 
 import pathlib
