@@ -43,3 +43,18 @@ def test_cli_exits_nonzero_when_the_step_does_not_fit(tmp_path):
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
   assert "DOES NOT FIT" in proc.stdout and "16.00 GiB of HBM per chip" in proc.stdout
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["synthetic_mae_tiny", "synthetic_readout_tiny"])
+def test_mae_and_readout_steps_compile_for_tpu(load_config_fn, name):
+  config = load_config_fn(name)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 1, 2
+  devices, hbm = compile_check.topology_devices("v5p:2x2x1")
+  compiled, _, _ = compile_check.compile_step(config, devices, batch_size=8, num_classes=4)
+  # MAE: the encoder's LRU on the visible tubes and the decoder's on all of them, forward and
+  # backward (6 kernels measured); readout: the frozen encoder's 2 layers, forward only.
+  assert compiled.as_text().count("tpu_custom_call") >= (4 if name == "synthetic_mae_tiny" else 2)
+  total, report = compile_check.report(compiled, hbm)
+  assert 0 < total < hbm and report["flops"] > 0
