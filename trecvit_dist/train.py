@@ -3,7 +3,12 @@
 Sections: config -> mesh -> data -> model and optimizer -> shardings -> checkpoint restore ->
 loop. The step is a pure function `train_step(state, batch) -> (state, metrics)`, jitted once with
 explicit shardings and the state donated. The per-step RNG is fold_in(seed key, step), so a resumed
-run draws exactly the numbers an uninterrupted one would.
+run draws exactly the numbers an uninterrupted one would (dropout, and the MAE tube masks).
+
+config.task picks the model, loss and evaluation: "classification" (TRecViT, cross-entropy,
+top-1/top-5), "mae" (TRecViTMAE, masked-patch MSE, PSNR and reconstruction images; labels unread)
+or "readout" (a frozen encoder + attention readout, classification metrics). Everything else --
+mesh, data, checkpoints, preemption, init_from -- is shared.
 """
 
 from __future__ import annotations
