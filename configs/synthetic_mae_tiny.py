@@ -23,12 +23,12 @@ encoder reaches 52-54% top-1 where the same readout on the random-init encoder g
 import ml_collections
 from ml_collections import config_dict
 
-from trecvit_dist.config_base import base_config
+from trecvit_dist.config_base import load_sibling
 
 
 def get_config(arg=None):
   del arg
-  c = base_config()
+  c = load_sibling(__file__, "synthetic_tiny")  # its encoder, data and optimizer, changed below
   c.task = "mae"
   c.mae = ml_collections.ConfigDict(
     dict(
@@ -43,34 +43,12 @@ def get_config(arg=None):
       image_frames=8,
     )
   )
-  c.seed = 0
-  c.batch_size = 32
   c.total_steps = 400
-  c.model.variant = ""
   c.model.num_classes = 4  # unused by the MAE model
-  c.model.width = 64
-  c.model.depth = 2
-  c.model.mlp_dim = 128
-  c.model.num_heads = 4
-  c.model.patch_size = (1, 8, 8)
-  c.model.rep_size = 64
-  c.model.dtype = "float32"
-  c.data.num_frames = 8
-  c.data.stride = 2
-  c.data.image_size = 32
-  c.data.scale_jitter = (1.0, 1.0)
-  c.data.flip = True
-  c.data.workers = 0
-  c.data.synthetic.num_train = 2048
-  c.data.synthetic.num_validation = 256
-  c.data.synthetic.frames = 16
-  c.data.synthetic.size = 32
+  c.data.flip = True  # labels are not read: flipping is just augmentation here
   c.optimizer.learning_rate = 5e-3
   c.optimizer.warmup_steps = 20
-  c.optimizer.weight_decay = 0.05
   c.optimizer.b2 = 0.95
-  c.label_smoothing = 0.0
-  c.log_every_steps = 20
   c.eval_every_steps = 200
   c.checkpoint_every_steps = 200
   return c

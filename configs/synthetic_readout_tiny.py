@@ -13,26 +13,15 @@ at initialisation; ~20 s per readout. Random features do catch up with longer re
 58% after 600 steps at lr 3e-3): MAE features are the easier ones to read, not the only usable.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 from ml_collections import config_dict
 
-from trecvit_dist.config_base import base_config
-
-
-def _mae_config():
-  path = pathlib.Path(__file__).with_name("synthetic_mae_tiny.py")
-  spec = importlib.util.spec_from_file_location("synthetic_mae_tiny", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from trecvit_dist.config_base import base_config, load_sibling
 
 
 def get_config(arg=None):
   del arg
-  mae = _mae_config()
+  mae = load_sibling(__file__, "synthetic_mae_tiny")
   c = base_config()
   c.task = "readout"
   c.readout = ml_collections.ConfigDict(dict(num_heads=config_dict.placeholder(int)))

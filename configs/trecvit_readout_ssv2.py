@@ -13,38 +13,16 @@ clips x 3 crops evaluation follow our supervised SSv2 config. Expected time and 
 measured yet.
 """
 
-import ml_collections
-from ml_collections import config_dict
-
-from trecvit_dist.config_base import apply_size, base_config
+from trecvit_dist.config_base import load_sibling
 
 NUM_TRAIN_VIDEOS = 168_913
 
 
 def get_config(arg="B"):
-  c = apply_size(base_config(), arg)
-  c.task = "readout"
-  c.readout = ml_collections.ConfigDict(
-    dict(num_heads=config_dict.placeholder(int))  # unset: the encoder's num_heads
-  )
-  c.init_from = ""  # required: the MAE workdir or an official .npz
+  c = load_sibling(__file__, "trecvit_readout_k400", arg)  # the readout; the SSv2 data below
   c.model.num_classes = 174
-  c.batch_size = 256
-  epochs = 6
-  c.total_steps = epochs * NUM_TRAIN_VIDEOS // c.batch_size
-  c.data.num_frames = 16
-  c.data.stride = 2
-  c.data.image_size = 224
-  c.data.scale_jitter = (0.9, 1.33)
-  c.data.flip = False
-  c.data.workers = 16
-  c.data.eval_clips = 4
-  c.data.eval_crops = 3
-  c.optimizer.learning_rate = 3e-4
+  c.total_steps = 6 * NUM_TRAIN_VIDEOS // c.batch_size  # 6 epochs
   c.optimizer.warmup_steps = NUM_TRAIN_VIDEOS // c.batch_size  # one epoch
-  c.label_smoothing = 0.1
-  c.mesh.data = -1
+  c.data.flip = False
   c.eval_every_steps = 1000
-  c.checkpoint_every_steps = 1000
-  c.log_every_steps = 100
   return c

@@ -8,6 +8,9 @@ eval_every_steps, checkpoint_every_steps, init_from.
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -87,3 +90,12 @@ def apply_size(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.
   if arg:
     c.model.variant = arg
   return c
+
+
+def load_sibling(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(arg) of NAME.py beside config_file: for a config built on another one."""
+  path = pathlib.Path(config_file).with_name(f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
