@@ -11,8 +11,6 @@ encoder with train.init_from (an MAE workdir or an official .npz).
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,8 +19,6 @@ import ml_collections
 from trecvit_dist.models import TRecViT, TRecViTConfig
 from trecvit_dist.models import mae as mae_lib
 from trecvit_dist.models.readout import ReadoutModel
-
-Params = Any
 
 
 def decoder_config(config: ml_collections.ConfigDict) -> mae_lib.MAEDecoderConfig:
