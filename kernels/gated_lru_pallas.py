@@ -26,8 +26,16 @@ walks time inside it, `sub` time steps at a time:
 Edge blocks (batch, width or time not a multiple of the block) read padding that the kernel
 masks where it could leak into a carry or a reduction, and Pallas drops out-of-bounds writes.
 
-The TPU or GPU variant is chosen when lowering (`lax.platform_dependent`), so a CPU host can
-AOT-compile the TPU kernel; `backend="tpu"|"gpu"` forces one (tests run both in interpret mode).
+The TPU or GPU variant, and whether to interpret, are chosen when lowering
+(`lax.platform_dependent`): TPU -> Mosaic, GPU -> Triton, CPU -> the Pallas interpreter (with the
+TPU blocking). So a CPU host AOT-compiling for TPU gets the Mosaic kernel with default arguments.
+`backend="tpu"|"gpu"` forces a blocking and `interpret=True|False` forces the interpreter on or
+off (tests run both blockings in interpret mode).
+
+Reset. With h0=None the first step resets (m_0 = 1, h_{-1} = 0), fixed at trace time. The
+time-parallel shards (kernels.sharded) need it decided at run time (only the first time shard
+starts the video) with one program on every shard: `gated_lru_pallas_fwd` / `_vjp` take
+`reset`, a traced boolean, which travels as row 1 of the [2, W] a_param block.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.gated_lru import SQRT_MAX_GRADIENT, _check_shapes
+from kernels.reference import SQRT_MAX_GRADIENT, _check_shapes
 
 _F32 = jnp.float32
 # d sqrt(u)/du = 0.5 / sqrt(max(u, _SQRT_U_MIN)) <= SQRT_MAX_GRADIENT, as in the official model.
@@ -60,6 +68,9 @@ _GPU_NUM_WARPS = 4
 _GPU_UNROLL = 8
 # Chunk loops with at most this many iterations are unrolled in Python (static offsets).
 _MAX_UNROLL = 8
+# The kernels' `reset` when it is decided at run time: h0 is given and row 1 of the a_param block
+# holds a per-lane flag (1.0: the first step resets, h0 is ignored). Time-parallel shards use it.
+_FLAG = "flag"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +248,25 @@ def _from_rows(v):
   return v[:, 0:1, :].reshape(v.shape[0], v.shape[2])
 
 
-def _gates(gx, ga, ncsp, t_rows, reset):
-  """(a, a^2, s_a, s_x, u = 1 - a^2, m) of one chunk in float32; t_rows: global time per row.
+def _reset_flag(ap_ref, ls, reset, sub, lanes):
+  """The reset of this lane group: True/False (static), or its [1, sub, lanes] float flag rows
+  (1.0: the first step resets) from row 1 of the a_param block in the flagged mode."""
+  if reset != _FLAG:
+    return reset
+  return _to_rows(ap_ref[1:2, ls].astype(_F32), (1, sub, lanes))
+
+
+def _reset_rows(t_rows, flag):
+  """Rows whose step resets (m = 1, h_{-1} unused), or None when no row does."""
+  if flag is False:
+    return None
+  if flag is True:
+    return t_rows == 0
+  return jnp.where(t_rows == 0, flag, 0.0) > 0.5
+
+
+def _gates(gx, ga, ncsp, reset_rows):
+  """(a, a^2, s_a, s_x, u = 1 - a^2, m) of one chunk in float32; reset_rows: where m = 1.
 
   a^2 is exp(2 log_a), as in the reference and the official model, not a * a: where a -> 1 the
   two round differently and m = sqrt(1 - a^2) would differ by far more than an ulp.
@@ -249,17 +277,17 @@ def _gates(gx, ga, ncsp, t_rows, reset):
   a2 = jnp.exp(2.0 * log_a)
   u = 1.0 - a2
   m = jnp.sqrt(u)
-  if reset:
-    m = jnp.where(t_rows == 0, 1.0, m)
+  if reset_rows is not None:
+    m = jnp.where(reset_rows, 1.0, m)
   return a, a2, s_a, jax.nn.sigmoid(gx), u, m
 
 
 # ---------------------------------------------------------------------------------- forward kernel
 
 
-def _fwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
+def _fwd_kernel(*refs, plan: _Plan, c: float, reset: bool | str):
   x_ref, gx_ref, ga_ref, ap_ref, *refs = refs
-  h0_ref = None if reset else refs.pop(0)
+  h0_ref = None if reset is True else refs.pop(0)
   h_ref, hl_ref, *scratch = refs
   kt = pl.program_id(2)
   bb, sub, lanes = plan.block_b, plan.sub, plan.lanes
@@ -268,11 +296,14 @@ def _fwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
 
   def lane_group(g, _):
     ls = _lane_slice(plan, g)
-    ncsp = _to_rows(-c * _softplus(ap_ref[:, ls].astype(_F32)), (1, sub, lanes))
-    if reset:
+    ncsp = _to_rows(-c * _softplus(ap_ref[0:1, ls].astype(_F32)), (1, sub, lanes))
+    flag = _reset_flag(ap_ref, ls, reset, sub, lanes)
+    if reset is True:
       h_init = jnp.zeros(shape, _F32)
     else:
       h_init = _to_rows(h0_ref[:, ls].astype(_F32), shape)
+    if reset == _FLAG:
+      h_init = jnp.where(flag > 0.5, 0.0, h_init)
     if plan.num_t_blocks > 1:
       h_init = jnp.where(kt == 0, h_init, scratch[0][:, :, ls])
 
@@ -282,7 +313,7 @@ def _fwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
       x = x_ref[:, rows, ls].astype(_F32)
       gx = gx_ref[:, rows, ls].astype(_F32)
       ga = ga_ref[:, rows, ls].astype(_F32)
-      a, _, _, s_x, _, m = _gates(gx, ga, ncsp, t_rows, reset)
+      a, _, _, s_x, _, m = _gates(gx, ga, ncsp, _reset_rows(t_rows, flag))
       b = m * s_x * x
       if plan.padded_time:  # rows past the end: identity steps, so the carry is h_{T-1}
         valid = t_rows < plan.seq_len
@@ -308,12 +339,12 @@ def _fwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
 # --------------------------------------------------------------------------------- backward kernel
 
 
-def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
+def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool | str):
   x_ref, gx_ref, ga_ref, ap_ref, h_ref, dh_ref, dhl_ref, *refs = refs
-  h0_ref = None if reset else refs.pop(0)
+  h0_ref = None if reset is True else refs.pop(0)
   hb_ref = refs.pop(0) if plan.num_t_blocks > 1 else None
   dx_ref, dgx_ref, dga_ref, dq_ref, *refs = refs
-  dh0_ref = None if reset else refs.pop(0)
+  dh0_ref = None if reset is True else refs.pop(0)
   g_scratch, dq_scratch = refs if plan.num_t_blocks > 1 else (None, None)
 
   k = pl.program_id(2)
@@ -325,7 +356,8 @@ def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
 
   def lane_group(g, _):
     ls = _lane_slice(plan, g)
-    ncsp = _to_rows(-c * _softplus(ap_ref[:, ls].astype(_F32)), (1, sub, lanes))
+    ncsp = _to_rows(-c * _softplus(ap_ref[0:1, ls].astype(_F32)), (1, sub, lanes))
+    flag = _reset_flag(ap_ref, ls, reset, sub, lanes)
     # g_carry: the gradient flowing into the last row of the next chunk from the steps after it,
     # i.e. a_{t+1} * g_{t+1}; it starts as the cotangent of h_last.
     g_init = _to_rows(dhl_ref[:, ls].astype(_F32), shape)
@@ -334,7 +366,10 @@ def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
       g_init = jnp.where(first, g_init, g_scratch[:, :, ls])
       dq_init = jnp.where(first, dq_init, dq_scratch[:, :, ls])
     # h_{t-1} at the first row of this time block: h0, zeros (reset), or the previous block's h.
-    h_start = jnp.zeros(shape, _F32) if reset else _to_rows(h0_ref[:, ls].astype(_F32), shape)
+    if reset is True:
+      h_start = jnp.zeros(shape, _F32)
+    else:
+      h_start = _to_rows(h0_ref[:, ls].astype(_F32), shape)
     if plan.num_t_blocks > 1:
       h_start = jnp.where(kt == 0, h_start, _last_row(hb_ref[:, :, ls].astype(_F32)))
 
@@ -359,7 +394,8 @@ def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
         prev_last = jnp.where(j == 0, h_start, _last_row(h_before))
       h_prev = prev_last if sub == 1 else jnp.where(row == 0, prev_last, pltpu.roll(h_cur, 1, 1))
 
-      a, a2, s_a, s_x, u, m = _gates(gx, ga, ncsp, t_rows, reset)
+      reset_rows = _reset_rows(t_rows, flag)
+      a, a2, s_a, s_x, u, m = _gates(gx, ga, ncsp, reset_rows)
       if plan.padded_time:  # rows past the end are identity steps with no output gradient
         valid = t_rows < plan.seq_len
         a = jnp.where(valid, a, 1.0)
@@ -376,8 +412,8 @@ def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
       dm = gs * x
       # d h / d log_a = a * h_{t-1};  d m / d log_a = -a^2 / sqrt(max(u, eps)).
       dlog_a = a * g * h_prev - dm * a2 * jax.lax.rsqrt(jnp.maximum(u, _SQRT_U_MIN))
-      if reset:
-        dlog_a = jnp.where(t_rows == 0, 0.0, dlog_a)  # m_0 = 1 and h_{-1} = 0: a_0 is unused
+      if reset_rows is not None:  # m_0 = 1 and h_{-1} = 0: a_0 is unused
+        dlog_a = jnp.where(reset_rows, 0.0, dlog_a)
       dq = dlog_a * s_a
       if plan.padded_time:  # padding must not reach the sum over time (0 * NaN is NaN)
         dq = jnp.where(valid, dq, 0.0)
@@ -403,7 +439,8 @@ def _bwd_kernel(*refs, plan: _Plan, c: float, reset: bool):
     def _():
       dq_ref[:, ls] = jnp.sum(dq_acc, axis=1).astype(dq_ref.dtype)
       if dh0_ref is not None:
-        dh0_ref[:, ls] = _from_rows(g_carry).astype(dh0_ref.dtype)  # a_0 * g_0
+        dh0 = g_carry if reset is False else jnp.where(flag > 0.5, 0.0, g_carry)  # a_0 * g_0
+        dh0_ref[:, ls] = _from_rows(dh0).astype(dh0_ref.dtype)
 
     return 0
 
@@ -418,8 +455,24 @@ def _out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
 
 
-def _specs(plan: _Plan, *, reverse: bool):
-  """BlockSpecs for [B, T, W], [B, W] and [1, W] arrays on the (b, w, t) grid."""
+def _reset_mode(h0, ap_rows) -> bool | str:
+  """The kernels' `reset`: True (h0 None), _FLAG (a_param block carries flags), False."""
+  if h0 is None:
+    return True
+  return _FLAG if ap_rows.shape[0] == 2 else False
+
+
+def _ap_rows(a_param, reset):
+  """[1, W] float32 a_param, or [2, W] with the reset flag broadcast in row 1 (flagged mode)."""
+  ap_1W = a_param.astype(_F32).reshape(1, -1)
+  if reset is None:
+    return ap_1W
+  flag_1W = jnp.broadcast_to(jnp.asarray(reset, _F32).reshape(1, 1), ap_1W.shape)
+  return jnp.concatenate([ap_1W, flag_1W], axis=0)
+
+
+def _specs(plan: _Plan, *, reverse: bool, ap_rows: int = 1):
+  """BlockSpecs for [B, T, W], [B, W] and [ap_rows, W] arrays on the (b, w, t) grid."""
   nt = plan.num_t_blocks
 
   def t_block(k):
@@ -427,16 +480,16 @@ def _specs(plan: _Plan, *, reverse: bool):
 
   btw = pl.BlockSpec((plan.block_b, plan.block_t, plan.block_w), lambda i, j, k: (i, t_block(k), j))
   bw = pl.BlockSpec((plan.block_b, plan.block_w), lambda i, j, k: (i, j))
-  w = pl.BlockSpec((1, plan.block_w), lambda i, j, k: (0, j))
+  w = pl.BlockSpec((ap_rows, plan.block_w), lambda i, j, k: (0, j))
   return btw, bw, w
 
 
 def _fwd_call(plan: _Plan, c: float, interpret: bool, x, gx, ga, ap_1W, h0):
   batch, seq_len, width = x.shape
-  reset = h0 is None
-  btw, bw, w = _specs(plan, reverse=False)
-  args = [x, gx, ga, ap_1W] + ([] if reset else [h0])
-  in_specs = [btw, btw, btw, w] + ([] if reset else [bw])
+  reset = _reset_mode(h0, ap_1W)
+  btw, bw, w = _specs(plan, reverse=False, ap_rows=ap_1W.shape[0])
+  args = [x, gx, ga, ap_1W] + ([] if h0 is None else [h0])
+  in_specs = [btw, btw, btw, w] + ([] if h0 is None else [bw])
   scratch = []
   if plan.num_t_blocks > 1:
     scratch = [pltpu.VMEM((plan.block_b, plan.sub, plan.block_w), _F32)]
@@ -464,10 +517,10 @@ def _fwd_call(plan: _Plan, c: float, interpret: bool, x, gx, ga, ap_1W, h0):
 
 def _bwd_call(plan: _Plan, c: float, interpret: bool, x, gx, ga, ap_1W, h0, h, dh, dh_last):
   batch, seq_len, width = x.shape
-  reset = h0 is None
-  btw, bw, w = _specs(plan, reverse=True)
-  args = [x, gx, ga, ap_1W, h, dh, dh_last] + ([] if reset else [h0])
-  in_specs = [btw, btw, btw, w, btw, btw, bw] + ([] if reset else [bw])
+  reset = _reset_mode(h0, ap_1W)
+  btw, bw, w = _specs(plan, reverse=True, ap_rows=ap_1W.shape[0])
+  args = [x, gx, ga, ap_1W, h, dh, dh_last] + ([] if h0 is None else [h0])
+  in_specs = [btw, btw, btw, w, btw, btw, bw] + ([] if h0 is None else [bw])
   scratch = []
   if plan.num_t_blocks > 1:
     # The last 8 rows of h before this time block (h_{t-1} of its first step).
@@ -487,7 +540,7 @@ def _bwd_call(plan: _Plan, c: float, interpret: bool, x, gx, ga, ap_1W, h0, h, d
     _out_struct((batch, width), _F32, x),
   ]
   out_specs = [btw, btw, btw, bw]
-  if not reset:
+  if h0 is not None:
     out_shape.append(_out_struct((batch, width), _F32, x))
     out_specs.append(bw)
   elems = batch * seq_len * width
@@ -508,23 +561,41 @@ def _bwd_call(plan: _Plan, c: float, interpret: bool, x, gx, ga, ap_1W, h0, h, d
     interpret=interpret,
     name=f"gated_lru_bwd_{plan.backend}",
   )(*args)
-  return tuple(outs) if not reset else (*outs, None)
+  return tuple(outs) if h0 is not None else (*outs, None)
 
 
-def _per_backend(make_call, shape, itemsize, backend):
-  """Calls make_call(plan) with the TPU or GPU blocking, picked at lowering unless forced."""
-  batch, seq_len, width = shape
-  tpu = lambda: make_call(_tpu_plan(batch, seq_len, width, itemsize))
-  gpu = lambda: make_call(_gpu_plan(batch, seq_len, width))
-  if backend == "tpu":
-    return tpu()
-  if backend == "gpu":
-    return gpu()
-  if backend is not None:
+def _per_backend(make_call, shape, itemsize, backend, interpret):
+  """make_call(plan, interpret) with the blocking and interpreter choice of the lowering platform.
+
+  All branches are traced; only the lowering platform's is lowered. A plan is compiled only on its
+  own platform (TPU plan: Mosaic on TPU; GPU plan: Triton on CUDA/ROCm) and interpreted elsewhere
+  (CPU) unless `interpret` forces it. CPU runs the TPU blocking, which exercises the chunked scan
+  and the time grid.
+  """
+  if backend not in (None, "tpu", "gpu"):
     raise ValueError(f"gated_lru_pallas: backend must be 'tpu', 'gpu' or None, got {backend!r}.")
-  # Both branches are traced; only the lowering platform's branch is lowered. CPU (interpret
-  # mode) runs the TPU blocking, which exercises the chunked scan and the time grid.
-  return jax.lax.platform_dependent(tpu=tpu, cuda=gpu, rocm=gpu, default=tpu)
+  batch, seq_len, width = shape
+  plans = {
+    "tpu": lambda: _tpu_plan(batch, seq_len, width, itemsize),
+    "gpu": lambda: _gpu_plan(batch, seq_len, width),
+  }
+
+  def call(kind, interp):
+    return lambda: make_call(plans[kind](), interp)
+
+  if interpret is not None:
+    if backend is not None:
+      return call(backend, interpret)()
+    tpu, gpu = call("tpu", interpret), call("gpu", interpret)
+    return jax.lax.platform_dependent(tpu=tpu, cuda=gpu, rocm=gpu, default=tpu)
+  if backend == "tpu":
+    return jax.lax.platform_dependent(tpu=call("tpu", False), default=call("tpu", True))
+  gpu = call("gpu", False)
+  if backend == "gpu":
+    return jax.lax.platform_dependent(cuda=gpu, rocm=gpu, default=call("gpu", True))
+  return jax.lax.platform_dependent(
+    tpu=call("tpu", False), cuda=gpu, rocm=gpu, default=call("tpu", True)
+  )
 
 
 # ------------------------------------------------------------------------------------- custom_vjp
@@ -532,33 +603,42 @@ def _per_backend(make_call, shape, itemsize, backend):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _gated_lru(x, gx, ga, a_param, h0, c, interpret, backend):
-  return _forward(x, gx, ga, a_param, h0, c, interpret, backend)
+  return _forward(x, gx, ga, a_param, h0, None, c, interpret, backend)
 
 
-def _forward(x, gx, ga, a_param, h0, c, interpret, backend):
-  ap_1W = a_param.astype(_F32).reshape(1, -1)
+# The passes are jitted so that a model calling the kernel once per layer traces (and lowers) each
+# pass once per shape: every call traces all the platform branches (TPU, GPU, interpreter).
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _forward(x, gx, ga, a_param, h0, reset, c, interpret, backend):
+  ap_1W = _ap_rows(a_param, reset)
   return _per_backend(
-    lambda plan: _fwd_call(plan, c, interpret, x, gx, ga, ap_1W, h0),
+    lambda plan, interp: _fwd_call(plan, c, interp, x, gx, ga, ap_1W, h0),
     x.shape,
     max(v.dtype.itemsize for v in (x, gx, ga)),
     backend,
+    interpret,
   )
 
 
 def _gated_lru_fwd(x, gx, ga, a_param, h0, c, interpret, backend):
-  h, h_last = _forward(x, gx, ga, a_param, h0, c, interpret, backend)
+  h, h_last = _forward(x, gx, ga, a_param, h0, None, c, interpret, backend)
   return (h, h_last), (x, gx, ga, a_param, h0, h)
 
 
 def _gated_lru_bwd(c, interpret, backend, residuals, cotangents):
   x, gx, ga, a_param, h0, h = residuals
-  dh, dh_last = cotangents
-  ap_1W = a_param.astype(_F32).reshape(1, -1)
+  return _backward(x, gx, ga, a_param, h0, None, h, *cotangents, c, interpret, backend)
+
+
+@functools.partial(jax.jit, static_argnums=(9, 10, 11))
+def _backward(x, gx, ga, a_param, h0, reset, h, dh, dh_last, c, interpret, backend):
+  ap_1W = _ap_rows(a_param, reset)
   dx, dgx, dga, dq_BW, dh0 = _per_backend(
-    lambda plan: _bwd_call(plan, c, interpret, x, gx, ga, ap_1W, h0, h, dh, dh_last),
+    lambda plan, interp: _bwd_call(plan, c, interp, x, gx, ga, ap_1W, h0, h, dh, dh_last),
     x.shape,
     max(v.dtype.itemsize for v in (x, gx, ga, dh)),
     backend,
+    interpret,
   )
   # log_a = -c * sigmoid(gate_a) * softplus(a_param): the kernel summed dlog_a * sigmoid(gate_a)
   # over time; finish the chain rule and the batch sum here ([B, W] is 1/T of an input).
@@ -585,14 +665,75 @@ def gated_lru_pallas(
 ) -> tuple[jax.Array, jax.Array]:
   """Fused Pallas gated LRU; returns (h [b, t, w], h_last [b, w]) in x's dtype.
 
-  interpret=None runs the interpreter iff the default backend is CPU; pass interpret=False to
-  AOT-compile for TPU from a CPU host. backend forces the "tpu" or "gpu" blocking.
+  interpret=None decides where the call is lowered: Mosaic on TPU, Triton on GPU, the interpreter
+  on CPU (whatever the host's default backend); True/False force it. backend forces the "tpu" or
+  "gpu" blocking.
   """
   _check_shapes(x, gate_x, gate_a, a_param, h0)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+  if interpret is not None:
+    interpret = bool(interpret)
   x, gate_x, gate_a, a_param, h0 = _vary_alike(x, gate_x, gate_a, a_param, h0)
-  return _gated_lru(x, gate_x, gate_a, a_param, h0, float(c), bool(interpret), backend)
+  return _gated_lru(x, gate_x, gate_a, a_param, h0, float(c), interpret, backend)
+
+
+def _check_reset(h0, reset):
+  if reset is not None and (h0 is None or jnp.shape(reset) != ()):
+    given = "None" if h0 is None else "given"
+    raise ValueError(
+      "gated_lru_pallas: reset is a boolean scalar that goes with h0 (with h0=None the first step "
+      f"always resets); got reset of shape {jnp.shape(reset)} and h0 {given}."
+    )
+
+
+def gated_lru_pallas_fwd(
+  x: jax.Array,
+  gate_x: jax.Array,
+  gate_a: jax.Array,
+  a_param: jax.Array,
+  h0: jax.Array | None,
+  *,
+  reset: jax.Array | None = None,
+  c: float = 8.0,
+  interpret: bool | None = None,
+  backend: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The forward kernel alone (no VJP): (h, h_last), for callers that own the backward.
+
+  reset (with h0): a traced boolean scalar; where true the first step resets as with h0=None
+  (m_0 = 1, h0 ignored). It costs no recompilation: the time-parallel shards pass shard == 0.
+  """
+  _check_shapes(x, gate_x, gate_a, a_param, h0)
+  _check_reset(h0, reset)
+  interpret = None if interpret is None else bool(interpret)
+  return _forward(x, gate_x, gate_a, a_param, h0, reset, float(c), interpret, backend)
+
+
+def gated_lru_pallas_vjp(
+  x: jax.Array,
+  gate_x: jax.Array,
+  gate_a: jax.Array,
+  a_param: jax.Array,
+  h0: jax.Array | None,
+  h: jax.Array,
+  dh: jax.Array,
+  dh_last: jax.Array,
+  *,
+  reset: jax.Array | None = None,
+  c: float = 8.0,
+  interpret: bool | None = None,
+  backend: str | None = None,
+) -> tuple[jax.Array, ...]:
+  """The backward kernel alone, given the forward's h: (dx, dgate_x, dgate_a, da_param, dh0).
+
+  For callers that own the forward (gated_lru_pallas_fwd); dh0 is None when h0 is (and zero where
+  reset is true). No vma casts: a_param's gradient is this call's partial, summed by the caller.
+  """
+  _check_shapes(x, gate_x, gate_a, a_param, h0)
+  _check_reset(h0, reset)
+  interpret = None if interpret is None else bool(interpret)
+  return _backward(
+    x, gate_x, gate_a, a_param, h0, reset, h, dh, dh_last, float(c), interpret, backend
+  )
 
 
 def _vary_alike(*args):
@@ -609,4 +750,4 @@ def _vary_alike(*args):
   )
 
 
-__all__ = ["gated_lru_pallas"]
+__all__ = ["gated_lru_pallas", "gated_lru_pallas_fwd", "gated_lru_pallas_vjp"]

@@ -7,14 +7,22 @@ time grid) and the GPU blocking (power-of-two blocks, one step at a time).
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 import kernels
-from kernels.gated_lru import gated_lru_associative, gated_lru_scan
-from kernels.gated_lru_pallas import _gpu_plan, _tpu_plan, gated_lru_pallas
+from kernels.gated_lru import gated_lru_associative, gated_lru_fwd, gated_lru_scan, gated_lru_vjp
+from kernels.gated_lru_pallas import (
+  _gpu_plan,
+  _tpu_plan,
+  gated_lru_pallas,
+  gated_lru_pallas_fwd,
+  gated_lru_pallas_vjp,
+)
+from kernels.reference import gated_lru_scan_vjp
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -96,16 +104,66 @@ def test_associative_matches_scan(shape, h0, make_inputs, values_and_grads, asse
   _check_against_scan(gated_lru_associative, args, tol(F32), values_and_grads, assert_close)
 
 
-def test_dispatcher_impls_and_auto_is_xla_on_cpu(make_inputs, assert_close, tol):
-  args = make_inputs(3, 5, 40, F32)
+def test_dispatcher_default_args_on_cpu(make_inputs, values_and_grads, assert_close, tol):
+  """Lowered for CPU, default arguments run: "auto" is the scan, "pallas" the interpreter."""
+  args = make_inputs(3, 5, 40, F32)[:4]
   assert jax.default_backend() == "cpu"
-  jaxpr = str(jax.make_jaxpr(lambda *a: kernels.gated_lru(*a, impl="auto"))(*args[:4]))
-  assert "pallas_call" not in jaxpr and "scan" in jaxpr
-  want = gated_lru_scan(*args[:4])
-  for impl in ("auto", "xla", "associative", "pallas"):
-    assert_close(kernels.gated_lru(*args[:4], impl=impl), want, tol(F32), impl)
+  want = values_and_grads(gated_lru_scan, args)
+  for impl, kernel_names in (("auto", 0), ("pallas", 2)):
+    fn = functools.partial(kernels.gated_lru, impl=impl)
+    assert_close(values_and_grads(fn, args), want, tol(F32), impl)
+    loss = lambda *a, fn=fn: jnp.sum(fn(*a)[0])
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile().as_text()
+    # The kernels' names reach the compiled HLO's metadata only through the interpreter.
+    assert len(set(re.findall(r"gated_lru_(?:fwd|bwd)_tpu", text))) == kernel_names, impl
   with pytest.raises(ValueError, match="impl"):
-    kernels.gated_lru(*args[:4], impl="cuda")
+    kernels.gated_lru(*args, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["xla", "tpu", "gpu"])
+def test_fwd_and_vjp_with_a_run_time_reset(impl, make_inputs, assert_close, tol):
+  """The forward / backward calls of the time-parallel shards, with a traced reset flag: True is
+  the h0=None recurrence, False the h0 one; the VJP reads h_{t-1} from the given h."""
+  x, gx, ga, ap, h0 = make_inputs(5, 9, 130, F32, h0=True)
+  k = jax.random.split(jax.random.key(7), 2)
+  cts = (jax.random.normal(k[0], x.shape), jax.random.normal(k[1], h0.shape))
+  if impl == "xla":
+    fwd_fn, vjp_fn = functools.partial(gated_lru_fwd, impl="xla"), gated_lru_vjp
+  else:  # the kernel in both blockings, interpreted
+    opts = dict(backend=impl, interpret=True)
+    fwd_fn = functools.partial(gated_lru_pallas_fwd, **opts)
+    vjp_fn = functools.partial(gated_lru_pallas_vjp, **opts)
+  fwd = jax.jit(lambda *a: fwd_fn(*a[:5], reset=a[5]))
+  vjp = jax.jit(lambda *a: vjp_fn(*a[:8], reset=a[8]))
+  reset_scan = jax.jit(lambda *a: jax.vjp(gated_lru_scan, *a[:4])[1](cts))
+  h0_scan = jax.jit(lambda *a: jax.vjp(lambda *b: gated_lru_scan(*b[:4], h0=b[4]), *a)[1](cts))
+  for reset in (False, True):
+    out = gated_lru_scan(x, gx, ga, ap, h0=None if reset else h0)
+    if reset:
+      want_grads = (*reset_scan(x, gx, ga, ap), jnp.zeros_like(h0))
+    else:
+      want_grads = h0_scan(x, gx, ga, ap, h0)
+    assert_close(fwd(x, gx, ga, ap, h0, reset), out, tol(F32), f"fwd reset={reset}")
+    grads = vjp(x, gx, ga, ap, h0, out[0], *cts, reset)
+    assert_close(grads, want_grads, tol(F32), f"vjp reset={reset}")
+
+
+@pytest.mark.parametrize("h0", [False, True])
+def test_scan_vjp_from_h_matches_autodiff(h0, make_inputs, assert_close, tol):
+  x, gx, ga, ap, h0_BW = make_inputs(3, 7, 40, F32, h0=h0)
+  args = (x, gx, ga, ap) + (() if h0_BW is None else (h0_BW,))
+
+  def scan(x, gx, ga, ap, *h0_):
+    return gated_lru_scan(x, gx, ga, ap, h0=h0_[0] if h0_ else None)
+
+  @jax.jit
+  def both(*args):
+    (h, h_last), pullback = jax.vjp(scan, *args)
+    cts = (jnp.cos(h), jnp.sin(h_last))
+    got = gated_lru_scan_vjp(x, gx, ga, ap, h0_BW, h, *cts)
+    return [g for g in got if g is not None], pullback(cts)
+
+  assert_close(*both(*args), tol(F32), f"h0={h0}")
 
 
 def test_reset_only_touches_the_first_step(make_inputs):
