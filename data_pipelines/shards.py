@@ -7,13 +7,17 @@ always whole; readers only accept complete sets (all n indices, one n).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from concurrent import futures
 
 from array_record.python import array_record_module
 from etils import epath
 
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: a random access reads one video only
+READER_OPTIONS = "readahead_buffer_size:0"  # random access: read only the requested chunks
+_OPEN_THREADS = 16  # shards opened at once: opening reads a footer and index (remote on gs://)
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -85,9 +89,14 @@ def find_shards(data_dir: epath.PathLike, split: str) -> list[str]:
       f"Data directory {data_dir} does not exist. Create it with `python -m "
       "data_pipelines.synthetic --out DIR ...` or `python -m data_pipelines.convert ... --out DIR`."
     )
-  if not data_dir.is_dir() or not any(data_dir.iterdir()):
+  if not data_dir.is_dir():
     raise ValueError(
-      f"Data directory {data_dir} is empty (or not a directory). Fill it with "
+      f"Data directory {data_dir} is a file, not a directory: point to the directory that holds "
+      "the shards (made by `python -m data_pipelines.convert` or `data_pipelines.synthetic`)."
+    )
+  if not any(data_dir.iterdir()):
+    raise ValueError(
+      f"Data directory {data_dir} is empty. Fill it with "
       "`python -m data_pipelines.synthetic --out DIR ...` or `python -m data_pipelines.convert`."
     )
   counts = existing_shard_counts(data_dir, split)
@@ -110,3 +119,37 @@ def find_shards(data_dir: epath.PathLike, split: str) -> list[str]:
       "missing (interrupted conversion?). Re-run the conversion."
     )
   return [os.fspath(data_dir / shard_name(split, i, count)) for i in range(count)]
+
+
+def open_reader(path: str) -> array_record_module.ArrayRecordReader:
+  """Opens one shard (reads its footer and record index); ValueError naming the file if broken."""
+  try:
+    reader = array_record_module.ArrayRecordReader(path, options=READER_OPTIONS)
+  except Exception as e:  # noqa: BLE001  -- the C++ reader raises RuntimeError/OSError variants
+    raise ValueError(f"Cannot open shard {path}: {type(e).__name__}: {e}") from e
+  if not reader.ok():
+    try:
+      reader.read()  # re-raises the reader's stored error, which says what is wrong
+      detail = "unknown error"
+    except Exception as e:  # noqa: BLE001
+      detail = str(e) or "its footer or record index is unreadable (truncated file?)"
+    with contextlib.suppress(Exception):  # a failed reader re-raises its error on close too
+      reader.close()
+    raise ValueError(f"Cannot open shard {path}: {detail}")
+  return reader
+
+
+def record_counts(paths: list[str]) -> list[int]:
+  """Number of records of each shard, opening them in parallel; ValueError naming a broken one."""
+
+  def count(path: str) -> int:
+    reader = open_reader(path)
+    try:
+      return reader.num_records()
+    finally:
+      reader.close()
+
+  if not paths:
+    return []
+  with futures.ThreadPoolExecutor(min(_OPEN_THREADS, len(paths))) as pool:
+    return list(pool.map(count, paths))

@@ -14,6 +14,10 @@ image_size / 0.875` (256 for 224, the usual "resize to 256, crop 224"):
   side (3: left/centre/right or top/centre/bottom), as in ViViT/TRecViT 3-crop evaluation.
 
 Shapes: frames uint8 [T, H, W, 3] -> clip uint8 [num_frames, image_size, image_size, 3].
+
+Point tracks (x, y) follow the frames: `transform_points` maps them through the same box (and a
+horizontal flip) into output pixels, with pixel j covering [j, j + 1) as in PIL's resize box, so
+a point stays on the same image content; points that leave the output become occluded.
 """
 
 from __future__ import annotations
@@ -88,6 +92,25 @@ def crop_resize(
     img = Image.fromarray(frame)
     out[t] = np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
   return out
+
+
+def transform_points(
+  tracks_QT2: np.ndarray,
+  occluded_QT: np.ndarray,
+  box: Box,
+  image_size: int,
+  flip: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+  """(x, y) stored-frame points -> output pixels of `crop_resize(box)` (then mirrored if flip);
+  returns (tracks float32 [Q, T, 2], occluded bool [Q, T]), points outside the output occluded."""
+  left, top, right, bottom = box
+  scale = np.array([image_size / (right - left), image_size / (bottom - top)], np.float64)
+  out_QT2 = (np.asarray(tracks_QT2, np.float64) - (left, top)) * scale
+  if flip:
+    out_QT2[..., 0] = image_size - out_QT2[..., 0]
+  # Closed interval: a point on the border stays visible, and flipping keeps it so.
+  inside_QT = np.all((out_QT2 >= 0) & (out_QT2 <= image_size), axis=-1)  # NaN -> outside
+  return out_QT2.astype(np.float32), np.asarray(occluded_QT, bool) | ~inside_QT
 
 
 # RandAugment (Cubuk et al. 2020) for video: the same ops with the same parameters on every

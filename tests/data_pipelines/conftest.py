@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import av
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
+from data_pipelines import shards, synthetic
 
 # The installed PyAV wheel ships libx264 and libvpx-vp9 encoders (checked in test_convert).
 MP4_CODEC = "libx264"
@@ -57,3 +60,30 @@ def tiny_data(tmp_path_factory) -> str:
   synthetic.generate(str(out), "train", 36, frames=12, size=32, seed=0, num_shards=3)
   synthetic.generate(str(out), "validation", 20, frames=12, size=32, seed=1, num_shards=2)
   return str(out)
+
+
+def corrupt_copy(src: str, dst, split: str, shard: int, offset: float) -> tuple[str, str]:
+  """Copies a dataset's split (and classes.txt) to the new directory dst and flips 16 bytes of
+  one shard at `offset` (a fraction of its size); returns (dst, the corrupted shard's path).
+
+  Tiny shards are two 64 KiB Riegeli blocks: offset 0.5 hits the second block's header (the
+  shard no longer opens), 0.25 the middle of one record's chunk (that record fails its hash).
+  """
+  os.makedirs(dst)
+  for name in os.listdir(src):
+    if name.startswith(split + ".") or name == "classes.txt":
+      shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+  path = os.path.join(dst, shards.shard_name(split, shard, len(shards.find_shards(src, split))))
+  with open(path, "rb") as f:
+    data = bytearray(f.read())
+  at = int(len(data) * offset)
+  data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  return str(dst), path
+
+
+@pytest.fixture(name="corrupt_copy", scope="session")
+def corrupt_copy_fixture():
+  """The corrupt_copy helper, as a fixture."""
+  return corrupt_copy

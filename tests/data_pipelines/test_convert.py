@@ -13,7 +13,7 @@ import pytest
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from PIL import Image
 
-from data_pipelines import convert, records, shards
+from data_pipelines import convert, pipeline, records, shards
 
 CSV = """path,label
 a/walk1.mp4,walk
@@ -222,3 +222,181 @@ def test_interrupted_run_leaves_no_partial_shard(video_dir, tmp_path, monkeypatc
   assert names == ["classes.txt", shards.shard_name("train", 0, 2)]
   with pytest.raises(ValueError, match="incomplete"):
     shards.find_shards(str(tmp_path), "train")
+
+
+# --- Long unlabelled videos, images, TAP-Vid, and the CLI's paper cuts.
+
+
+def test_segments_hold_back_at_most_one_and_a_half_segments():
+  consumed = []
+
+  def frames():
+    for i in range(40):
+      consumed.append(i)
+      yield bytes([i]), dict(height=1, width=1, original_size=(1, 1), fps=1.0)
+
+  stream = convert.segment_records(frames(), video_id="v", label=-1, label_name="", max_frames=16)
+  first = records.read_header(next(stream))
+  assert len(consumed) == 24 and (first["id"], first["num_frames"]) == ("v#0", 16)
+  rest = [records.read_header(r) for r in stream]
+  assert [(h["id"], h["num_frames"]) for h in rest] == [("v#1", 16), ("v#2", 8)]
+  # 20 frames: the tail is balanced (10 + 10) rather than 16 + 4.
+  stream = convert.segment_records(
+    (f for _, f in zip(range(20), frames(), strict=False)),
+    video_id="w",
+    label=-1,
+    label_name="",
+    max_frames=16,
+  )
+  assert [records.read_header(r)["num_frames"] for r in stream] == [10, 10]
+  ones = convert.segment_records(
+    (f for _, f in zip(range(3), frames(), strict=False)),
+    video_id="u",
+    label=-1,
+    label_name="",
+    max_frames=1,
+  )
+  assert [records.read_header(r)["id"] for r in ones] == ["u#0", "u#1", "u#2"]
+
+
+def test_long_unlabelled_videos_become_consecutive_segments(tmp_path, make_frames, write_video):
+  videos = tmp_path / "videos"
+  (videos / "sub").mkdir(parents=True)
+  long_frames = make_frames(40, 32, 48)
+  write_video(videos / "sub" / "long.mp4", long_frames, 10, "libx264")
+  write_video(videos / "short.webm", make_frames(5, 32, 48), 10, "libvpx-vp9")
+  (videos / "notes.txt").write_text("not listed: not a video extension\n")
+  whole = convert.convert(str(videos), None, str(tmp_path / "whole"), "train", 1, short_side=16)
+  summary = convert.convert(
+    str(videos),
+    None,
+    str(tmp_path / "seg"),
+    "train",
+    2,
+    short_side=16,
+    max_record_frames=16,
+    min_frames=6,
+    workers=2,
+  )
+  got = read_split(str(tmp_path / "seg"), "train")[0]
+  assert sorted(got) == ["sub/long.mp4#0", "sub/long.mp4#1", "sub/long.mp4#2"]
+  assert [got[f"sub/long.mp4#{k}"]["num_frames"] for k in range(3)] == [16, 16, 8]
+  assert all(r["label"] == -1 and r["label_name"] == "" for r in got.values())
+  reference = read_split(str(tmp_path / "whole"), "train")[0]["sub/long.mp4"]["frames"]
+  joined = np.concatenate([got[f"sub/long.mp4#{k}"]["frames"] for k in range(3)])
+  np.testing.assert_array_equal(joined, reference)
+  assert (summary["converted"], summary["num_records"], summary["segmented"]) == (1, 3, 1)
+  assert summary["skipped"][0]["reason"] == "too short: 5 frames < --min-frames 6"
+  assert whole["converted"] == 2 and whole["labels_file"] is None
+  assert (tmp_path / "seg" / "classes.txt").read_text() == ""
+  assert not [p for p in os.listdir(tmp_path / "seg") if p.startswith(".tmp")]
+
+
+def test_images_become_one_frame_records(tmp_path, make_frames):
+  images = tmp_path / "images"
+  images.mkdir()
+  Image.fromarray(make_frames(1, 40, 60)[0]).save(images / "cat.png")
+  Image.fromarray(make_frames(1, 64, 32)[0]).save(images / "dog.jpg", quality=95)
+  (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  (tmp_path / "labels.csv").write_text("path,label\ncat.png,cat\ndog.jpg,dog\nbroken.jpg,dog\n")
+  summary = convert.convert_images(
+    str(images), str(tmp_path / "labels.csv"), str(tmp_path / "out"), "train", 1, short_side=20
+  )
+  got = read_split(str(tmp_path / "out"), "train")[0]
+  assert got["cat.png"]["frames"].shape == (1, 20, 30, 3)
+  assert got["dog.jpg"]["frames"].shape == (1, 40, 20, 3)
+  assert (got["cat.png"]["label_name"], got["dog.jpg"]["label"]) == ("cat", 1)
+  assert (got["cat.png"]["original_height"], got["cat.png"]["original_width"]) == (40, 60)
+  assert summary["skipped"][0]["reason"].startswith("unreadable")
+  expected = np.asarray(Image.fromarray(make_frames(1, 40, 60)[0]).resize((30, 20)))
+  assert np.abs(got["cat.png"]["frames"][0].astype(int) - expected).mean() < 6
+
+
+def _tapvid_video(num_frames=6, height=32, width=48, seed=0):
+  """A blob moving right; point 0 on it, point 1 occluded half the time."""
+  rng = np.random.default_rng(seed)
+  grid_y, grid_x = np.mgrid[0:height, 0:width] + 0.5
+  xs = 8 + 5 * np.arange(num_frames)
+  video = np.stack([np.exp(-((grid_x - x) ** 2 + (grid_y - 12) ** 2) / 4.0) * 250 for x in xs])
+  video = np.repeat(video[..., None], 3, axis=-1).astype(np.uint8)
+  points = np.stack([np.stack([xs / width, np.full(num_frames, 12 / height)], -1)])
+  points = np.concatenate([points, rng.random((1, num_frames, 2))]).astype(np.float32)
+  occluded = np.zeros((2, num_frames), bool)
+  occluded[1, ::2] = True
+  return dict(video=video, points=points, occluded=occluded)
+
+
+def test_tapvid_pickles_convert_with_tracks_in_stored_pixels(tmp_path):
+  import pickle
+
+  davis = {"bear": _tapvid_video(), "car": _tapvid_video(num_frames=4, seed=1)}
+  (tmp_path / "davis.pkl").write_bytes(pickle.dumps(davis))
+  convert.convert_tapvid(
+    str(tmp_path / "davis.pkl"), str(tmp_path / "out"), "valid", 1, short_side=16
+  )
+  got = read_split(str(tmp_path / "out"), "valid")[0]
+  bear = got["bear"]
+  assert bear["frames"].shape == (6, 16, 24, 3) and bear["label"] == -1
+  # Normalised (x, y) times the stored width and height (48x32 -> 24x16).
+  np.testing.assert_allclose(bear["tracks"], davis["bear"]["points"] * [24, 16], rtol=1e-6)
+  np.testing.assert_array_equal(bear["occluded"], davis["bear"]["occluded"])
+  for t, (x, y) in enumerate(bear["tracks"][0]):
+    iy, ix = np.unravel_index(bear["frames"][t].sum(-1).argmax(), (16, 24))
+    assert abs(ix + 0.5 - x) <= 1 and abs(iy + 0.5 - y) <= 1
+  # The pipeline reads them: the centre crop starts at x = 5 of 24 and the blob at x = 4, so
+  # point 0 is first visible (and queried) in frame 1.
+  batch = next(
+    pipeline.eval_iterator(
+      str(tmp_path / "out"),
+      "valid",
+      global_batch_size=2,
+      num_frames=4,
+      stride=1,
+      image_size=16,
+      num_points=2,
+      process_index=0,
+      process_count=1,
+    )
+  )
+  assert batch["tracks"].shape == (2, 2, 4, 2) and batch["point_mask"].all()
+  np.testing.assert_array_equal(batch["query_points"][:, 0, 0], [1, 1])
+  assert batch["occluded"][:, 0, 0].all() and not batch["occluded"][:, 0, 1:].any()
+  # A directory of list pickles with JPEG-encoded frames (the TAP-Vid Kinetics layout).
+  kinetics = tmp_path / "kinetics"
+  kinetics.mkdir()
+  item = _tapvid_video()
+  item["video"] = [records.encode_jpeg(f) for f in item["video"]]
+  (kinetics / "0000_of_0001.pkl").write_bytes(pickle.dumps([item, item]))
+  convert.convert_tapvid(str(kinetics), str(tmp_path / "k"), "valid", 1, short_side=0)
+  got = read_split(str(tmp_path / "k"), "valid")[0]
+  assert sorted(got) == ["0000_of_0001/00000", "0000_of_0001/00001"]
+  np.testing.assert_allclose(got["0000_of_0001/00000"]["tracks"], item["points"] * [48, 32])
+
+  broken = {"bear": {k: v for k, v in _tapvid_video().items() if k != "occluded"}}
+  (tmp_path / "broken.pkl").write_bytes(pickle.dumps(broken))
+  with pytest.raises(ValueError, match="video 'bear' is missing key 'occluded'"):
+    convert.convert_tapvid(str(tmp_path / "broken.pkl"), str(tmp_path / "x"), "valid", 1)
+  bad = {"cow": {**_tapvid_video(), "points": np.zeros((2, 5, 2), np.float32)}}
+  (tmp_path / "bad.pkl").write_bytes(pickle.dumps(bad))
+  with pytest.raises(ValueError, match=r"video 'cow': key 'points' must be \[Q, T, 2\] with T = 6"):
+    convert.convert_tapvid(str(tmp_path / "bad.pkl"), str(tmp_path / "x"), "valid", 1)
+
+
+def test_cli_paper_cuts(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    convert.main(["--help"])
+  help_text = capsys.readouterr().out
+  assert "(default: 256)" in help_text and "(default: 2048)" in help_text
+  videos = tmp_path / "videos"
+  videos.mkdir()
+  (videos / "bad.mp4").write_text("not a video\n")
+  args = ["--out", str(tmp_path / "out"), "--split", "train", "--num-shards", "1"]
+  assert convert.main(["--videos", str(videos), "--workers", "1", *args]) == 1
+  assert "nothing converted" in capsys.readouterr().err
+  (tmp_path / "file").write_text("")
+  assert convert.main(["--videos", str(videos), *args[:1], str(tmp_path / "file"), *args[2:]]) == 2
+  assert f"--out {tmp_path / 'file'} is a file" in capsys.readouterr().err
+  assert convert.main(["--videos", str(tmp_path / "file"), *args]) == 2
+  assert "is a file; pass the directory" in capsys.readouterr().err
+  assert convert.main(["--videos", str(tmp_path / "nope"), *args]) == 2
+  assert "does not exist" in capsys.readouterr().err

@@ -62,3 +62,63 @@ def test_out_of_range_index_and_bad_records_are_rejected(record):
     records.decode(future)
   with pytest.raises(ValueError, match="uint8"):
     records.encode(np.zeros((2, 4, 4, 3), np.float32), video_id="x", fps=1.0)
+
+
+def _tracked(make_frames, num_points=5, num_frames=6):
+  rng = np.random.default_rng(0)
+  frames = make_frames(num_frames, 24, 40)
+  tracks = rng.uniform(0, 40, size=(num_points, num_frames, 2)).astype(np.float32)
+  occluded = rng.random((num_points, num_frames)) < 0.3
+  return frames, tracks, occluded
+
+
+def test_tracks_round_trip_exactly_and_follow_frame_selection(make_frames):
+  frames, tracks, occluded = _tracked(make_frames)
+  data = records.encode(frames, video_id="t", fps=5.0, tracks=tracks, occluded=occluded)
+  out = records.decode(data)
+  np.testing.assert_array_equal(out["tracks"], tracks)
+  np.testing.assert_array_equal(out["occluded"], occluded)
+  assert out["tracks"].dtype == np.float32 and out["occluded"].dtype == bool
+  assert records.read_header(data)["num_points"] == 5
+  part = records.decode(data, [4, 1, 4])
+  np.testing.assert_array_equal(part["tracks"], tracks[:, [4, 1, 4]])
+  np.testing.assert_array_equal(part["occluded"], occluded[:, [4, 1, 4]])
+  got_tracks, got_occluded = records.read_tracks(data, [2])
+  np.testing.assert_array_equal(got_tracks, tracks[:, [2]])
+  np.testing.assert_array_equal(got_occluded, occluded[:, [2]])
+  # Compact: raw float32 tracks plus one bit per occlusion flag, not a JSON list of numbers.
+  plain = records.encode(frames, video_id="t", fps=5.0)
+  extra = len(data) - len(plain)
+  assert 5 * 6 * 8 + 4 <= extra <= 5 * 6 * 8 + 4 + 80  # + the three offsets in the header
+  assert "tracks" not in records.decode(plain) and records.read_tracks(plain) is None
+  assert records.read_header(plain)["num_points"] == 0
+
+
+def test_version_1_records_still_read(record):
+  frames, data = record
+  # Rebuild the record as the version 1 writer did: no num_points key, schema_version 1.
+  header_len = struct.unpack_from("<I", data, 4)[0]
+  header = json.loads(data[8 : 8 + header_len])
+  del header["num_points"]
+  header["schema_version"] = 1
+  header_bytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+  v1 = struct.pack("<4sI", records.MAGIC, len(header_bytes)) + header_bytes + data[8 + header_len :]
+  out = records.decode(v1)
+  np.testing.assert_array_equal(out["frames"], records.decode(data)["frames"])
+  assert out["schema_version"] == 1 and out["num_points"] == 0 and "tracks" not in out
+  assert records.read_header(v1)["num_points"] == 0
+
+
+def test_bad_tracks_are_rejected_with_the_video_named(make_frames):
+  frames, tracks, occluded = _tracked(make_frames)
+  with pytest.raises(ValueError, match=r"'v'.*tracks must be \[Q, T, 2\] with T = 6"):
+    records.encode(frames, video_id="v", fps=1.0, tracks=tracks[:, :4], occluded=occluded)
+  with pytest.raises(ValueError, match=r"occluded must be \[Q, T\]"):
+    records.encode(frames, video_id="v", fps=1.0, tracks=tracks, occluded=occluded[:2])
+  with pytest.raises(ValueError, match="occluded must be bool"):
+    records.encode(frames, video_id="v", fps=1.0, tracks=tracks, occluded=occluded.astype(int))
+  with pytest.raises(ValueError, match="together"):
+    records.encode(frames, video_id="v", fps=1.0, tracks=tracks)
+  data = records.encode(frames, video_id="v", fps=1.0, tracks=tracks, occluded=occluded)
+  with pytest.raises(ValueError, match="truncated"):
+    records.decode(data[:-3])
