@@ -14,8 +14,7 @@ be read, we fail rather than start over.
 
 Multi-process agreement (same save steps, same restored step, same iterator state) goes through
 the jax.distributed coordination service with a timeout; a timeout names the missing processes.
-
-  python -m trecvit_dist.checkpointing --bench   # blocking vs total save time, TRecViT-B state
+The save benchmark is `python -m trecvit_dist.checkpoint_bench`.
 """
 
 from __future__ import annotations
@@ -405,100 +404,3 @@ def _preemption_service_running() -> bool:
 
   state = distributed.global_state
   return state.client is not None and getattr(state, "preemption_sync_manager", None) is not None
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-
-def bench(workdir: str, *, variant: str = "B", saves: int = 3) -> list[tuple[float, float]]:
-  """Saves a TRecViT train state (params + Adam moments) `saves` times; per save, (ms the
-  caller was blocked, seconds until the checkpoint was complete on disk)."""
-  import flax.linen as nn  # noqa: PLC0415 (heavy imports only for the benchmark)
-
-  from trecvit_dist import config_base, sharding, train  # noqa: PLC0415
-  from trecvit_dist.models import TRecViT  # noqa: PLC0415
-
-  config = config_base.base_config()
-  config.model.variant = variant
-  cfg = train.model_config(config, num_classes=400)
-  tx, _ = train.make_optimizer(config)
-  sample = jax.ShapeDtypeStruct((1, 32, 224, 224, 3), np.float32)
-  init_state = train.make_init_state(TRecViT(cfg), tx, sample, seed=0)
-  mesh = sharding.make_mesh(1, -1, 1, None)  # parameters sharded over every device (FSDP)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    shardings = train.state_shardings_for(init_state, mesh, seed=0)
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(init_state(jax.random.key(0))))
-
-  def fill(key):  # random values: a constant state would compress to nothing
-    leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten(
-      [
-        jax.random.normal(k, s.shape, s.dtype)
-        if np.issubdtype(s.dtype, np.floating)
-        else np.zeros(s.shape, s.dtype)
-        for k, s in zip(keys, leaves, strict=True)
-      ]
-    )
-
-  state = jax.jit(fill, out_shardings=shardings)(jax.random.key(0))
-  jax.block_until_ready(state)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  num_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  logging.info(
-    "TRecViT-%s state: %.1fM params, %.2f GB", variant, num_params / 1e6, num_bytes / 1e9
-  )
-  print(
-    f"state: TRecViT-{variant}, {num_params / 1e6:.1f}M params, {num_bytes / 1e9:.2f} GB, "
-    f"{len(jax.tree.leaves(state))} arrays on {mesh.size} device(s)",
-    flush=True,
-  )
-  ckpt = Checkpointer(workdir, every_steps=1, keep=1)
-  results = []
-  for step in range(1, saves + 1):
-    start = time.perf_counter()
-    ckpt.save(step, state, {"next_position": step}, {})
-    ckpt.wait()
-    total = time.perf_counter() - start
-    results.append((ckpt.blocking_ms[-1], total))
-    print(
-      f"save {step}: blocking {ckpt.blocking_ms[-1]:.0f} ms, complete after {total:.2f} s "
-      f"({100 * ckpt.blocking_ms[-1] / 1e3 / total:.1f}% blocking)",
-      flush=True,
-    )
-  ckpt.close()
-  return results
-
-
-def main(argv=None) -> int:
-  import argparse  # noqa: PLC0415
-  import shutil  # noqa: PLC0415
-  import tempfile  # noqa: PLC0415
-
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--bench", action="store_true", help="time async saves of a train state")
-  parser.add_argument("--variant", default="B", help="TRecViT size (default B, ~1.6 GB state)")
-  parser.add_argument("--saves", type=int, default=3)
-  parser.add_argument("--dir", default=None, help="where to write (default: a temporary dir)")
-  args = parser.parse_args(argv)
-  if not args.bench:
-    parser.print_help()
-    return 2
-  workdir = args.dir or tempfile.mkdtemp(prefix="trecvit_ckpt_bench_")
-  try:
-    results = bench(workdir, variant=args.variant, saves=args.saves)
-  finally:
-    if not args.dir:
-      shutil.rmtree(workdir, ignore_errors=True)
-  later = results[1:] or results
-  blocking = float(np.median([b for b, _ in later]))
-  total = float(np.median([t for _, t in later]))
-  print(
-    f"median of saves 2..{len(results)}: blocking {blocking:.0f} ms of {total:.2f} s per save "
-    f"= {100 * blocking / 1e3 / total:.1f}%"
-  )
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -1,10 +1,10 @@
 """AOT-compiles the sharded train step for a TPU topology on a CPU host (needs libtpu).
 
   python -m trecvit_dist.compile_check --config configs/trecvit_k400.py:B --topology v5p:4x4x4 \
-      [--batch-size N] [--find-max-batch] [--config.FIELD=VALUE ...]
+      [--batch_size N] [--find_max_batch] [--num_classes 400] [--config.FIELD=VALUE ...]
 
 Prints per-chip argument / temp / output / total memory against the chip's HBM and the step's
-FLOPs; exits 1 when the step does not fit. --find-max-batch doubles the global batch, then
+FLOPs; exits 1 when the step does not fit. --find_max_batch doubles the global batch, then
 bisects, to report the largest batch (a multiple of the data-parallel size) that fits.
 """
 
@@ -18,15 +18,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from trecvit_dist import mae_task, sharding, train  # noqa: E402
-from trecvit_dist.models.readout import frozen_encoder_tx  # noqa: E402
+from trecvit_dist import experiment, sharding  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG]")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "TPU topology, e.g. v5p:4x4x4, v5e:4x4")
@@ -62,39 +59,18 @@ def topology_devices(topology: str):
 
 
 def compile_step(config, devices, batch_size: int, num_classes: int):
-  """Lowers and compiles the real sharded train step; returns the compiled executable."""
+  """Lowers and compiles the real sharded train step; returns (compiled, mesh, experiment).
+
+  The config is checked exactly as the trainer checks it (experiment.build), before compiling.
+  """
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-  cfg = train.model_config(config, num_classes)
   with config.unlocked():
     config.batch_size = batch_size
-  model = mae_task.build_model(config, cfg)
-  tx, schedule = train.make_optimizer(config)
-  if train.task_of(config) == "readout":
-    tx = frozen_encoder_tx(tx)
-  d = config.data
-  sample = jax.ShapeDtypeStruct((1, d.num_frames, d.image_size, d.image_size, 3), jnp.float32)
-  init_state = train.make_init_state(model, tx, sample, config.seed)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    state_shardings = train.state_shardings_for(init_state, mesh, config.seed)
-    abstract = jax.eval_shape(lambda: nn.meta.unbox(init_state(jax.random.key(0))))
-    abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings
-    )
-    batch = dict(
-      video=jax.ShapeDtypeStruct(
-        (batch_size, d.num_frames, d.image_size, d.image_size, 3),
-        jnp.float32,
-        sharding=sharding.batch_sharding(mesh, 5),
-      ),
-      label=jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding.batch_sharding(mesh)),
-    )
-    step = jax.jit(
-      train.make_train_step(model, tx, schedule, config),
-      in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, batch)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0,
-    )
-    return step.lower(abstract, batch).compile(), mesh, cfg
+  exp = experiment.build(config, mesh, num_classes)
+  with exp.scope():
+    step = exp.train_step()
+    compiled = step.lower(exp.abstract_state, exp.batch_spec(batch_size, train=True)).compile()
+  return compiled, mesh, exp
 
 
 def report(compiled, hbm: int) -> tuple[int, dict]:
@@ -127,26 +103,25 @@ def main(argv):
 
   def fits(b):
     try:
-      compiled, mesh, cfg = compile_step(config, devices, b, num_classes)
+      compiled, mesh, exp = compile_step(config, devices, b, num_classes)
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       # The TPU compiler refuses programs whose buffers exceed HBM: that is "does not fit".
-      mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-      cfg = train.model_config(config, num_classes)
       print(f"  batch {b}: the TPU compiler ran out of HBM: {str(e).splitlines()[0][:300]}")
-      return False, None, mesh, cfg
+      return False, None, None
     total, r = report(compiled, hbm)
-    return total <= hbm, r, mesh, cfg
+    return total <= hbm, r, exp
 
-  ok, r, mesh, cfg = fits(batch)
+  ok, r, exp = fits(batch)
   if r is None:
     print(
       f"DOES NOT FIT: global batch {batch} needs more than the {_gib(hbm)} of HBM per chip. "
       "Lower batch_size, enable model.remat, or raise mesh.fsdp."
     )
     sys.exit(1)
-  analytic = train.task_flops_per_clip(config, cfg)
+  mesh = exp.mesh
+  analytic = exp.train_flops_per_clip()
   print(
     f"topology {_TOPOLOGY.value}: {len(devices)} chips, mesh {dict(mesh.shape)}, "
     f"global batch {batch}, {config.data.num_frames} frames at {config.data.image_size}px"
@@ -165,7 +140,7 @@ def main(argv):
     lo, hi = (batch, None) if ok else (0, batch)
     while hi is None:
       candidate = lo * 2
-      fit, r2, _, _ = fits(candidate)
+      fit, r2, _ = fits(candidate)
       if r2:
         print(f"  batch {candidate}: {_gib(r2['total'])} {'fits' if fit else 'does not fit'}")
       lo, hi = (candidate, None) if fit else (lo, candidate)
@@ -173,7 +148,7 @@ def main(argv):
       mid = (lo + hi) // 2 // unit * unit
       if mid in (lo, hi):
         break
-      fit, r2, _, _ = fits(mid)
+      fit, r2, _ = fits(mid)
       if r2:
         print(f"  batch {mid}: {_gib(r2['total'])} {'fits' if fit else 'does not fit'}")
       lo, hi = (mid, hi) if fit else (lo, mid)

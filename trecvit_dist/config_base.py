@@ -1,6 +1,6 @@
 """The fields every experiment config has (configs/*.py start from `base_config()`).
 
-Field names are part of the project's interface (../shared/DESIGN.md): model.variant,
+Field names are part of the project's interface (docs/interfaces.md): model.name, model.variant,
 model.num_classes, data.path, data.train_split, data.eval_split, data.num_frames, data.stride,
 data.image_size, batch_size, total_steps, seed, mesh.data/fsdp/tensor, log_every_steps,
 eval_every_steps, checkpoint_every_steps, init_from.
@@ -24,8 +24,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "classification"
   c.init_from = ""  # official .npz or another workdir; used only when the workdir has no checkpoint
 
-  # Model: a named size plus explicit overrides (unset fields take the variant's value).
+  # Model: a family (trecvit_dist/models/), a named size, and explicit overrides (unset fields
+  # take the variant's value). The fields below are TRecViT's; other families ignore the ones
+  # they do not have (a family's config file lists its own).
   c.model = ml_collections.ConfigDict()
+  c.model.name = "trecvit"
   c.model.variant = "B"
   c.model.num_classes = config_dict.placeholder(int)  # unset: the length of DATA/classes.txt
   for name, kind in (("width", int), ("depth", int), ("mlp_dim", int), ("num_heads", int)):
@@ -57,8 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_clips = 1
   c.data.eval_crops = 1
   # Generated into WORKDIR/data when data.path is empty (the embedded default dataset).
+  # kind: motion | memorisation | tracking (data_pipelines/synthetic.py); variant: the motion
+  # generator's "dark" (the default) or "realistic".
   c.data.synthetic = ml_collections.ConfigDict(
-    dict(num_train=0, num_validation=0, frames=16, size=32, seed=0)
+    dict(num_train=0, num_validation=0, frames=16, size=32, seed=0, kind="motion", variant="")
   )
 
   c.optimizer = ml_collections.ConfigDict()

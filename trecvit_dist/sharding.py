@@ -14,6 +14,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import kernels
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -83,3 +85,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def gated_lru(x_BTW, gate_x_BTW, gate_a_BTW, a_param_W, h0_BW, *, c: float, impl: str):
+  """kernels.gated_lru, per shard under shard_map when a mesh is active (the trainer's).
+
+  The batch rows shard like act_batch and the width like act_lru (LOGICAL_RULES); shapes that do
+  not divide over the mesh (e.g. a batch-1 init) run unsharded.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  args = (x_BTW, gate_x_BTW, gate_a_BTW, a_param_W)
+  if mesh is not None and not mesh.empty and mesh.size > 1:
+    rules = dict(LOGICAL_RULES)
+    batch_axes, width_axis = rules["act_batch"], rules["act_lru"]
+    batch_ways = int(np.prod([mesh.shape.get(a, 1) for a in batch_axes]))
+    if x_BTW.shape[0] % batch_ways == 0 and x_BTW.shape[-1] % mesh.shape.get(width_axis, 1) == 0:
+      return kernels.gated_lru_sharded(
+        *args,
+        h0=h0_BW,
+        c=c,
+        impl=impl,
+        mesh=mesh,
+        batch_axes=batch_axes,
+        width_axis=width_axis,
+      )
+  # The kernel picks Mosaic / Triton / interpret where it is lowered (also AOT for TPU from CPU).
+  return kernels.gated_lru(*args, h0=h0_BW, c=c, impl=impl)

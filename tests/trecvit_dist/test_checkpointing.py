@@ -27,10 +27,10 @@ from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
 from data_pipelines import pipeline
-from trecvit_dist import checkpointing, official, sharding, train
+from trecvit_dist import checkpointing, experiment, official, sharding, train
 from trecvit_dist.models import TRecViT
 
-OFFICIAL = pathlib.Path(__file__).resolve().parents[3] / "shared/fixtures/official_trecvit"
+OFFICIAL = pathlib.Path(__file__).resolve().parents[1] / "fixtures/official_trecvit"
 
 
 def run(config, workdir, devices=None):
@@ -270,7 +270,7 @@ def test_iterator_state_is_the_same_on_every_process(tiny_data):
 
 
 def _official_tiny(tiny_config, **overrides):
-  """The trainer config of ../shared/fixtures/official_trecvit/tiny_config.json, learning rate 0
+  """The trainer config of tests/fixtures/official_trecvit/tiny_config.json, learning rate 0
   (so one step leaves the parameters as loaded), on the 4-class synthetic data (npz: 10)."""
   return tiny_config(
     **{
@@ -301,7 +301,7 @@ def test_init_from_official_npz_and_from_another_workdir(tiny_config, tmp_path):
   config = _official_tiny(tiny_config, init_from=npz)
   first = run(config, tmp_path / "from_npz")
 
-  cfg = train.model_config(config, 4)
+  cfg = experiment.model_config(config, 4)
   flat_npz = official.load_npz(npz)
   assert flat_npz["decoder/cls_head/kernel"].shape[-1] == 10
   expected = _flat(
@@ -317,9 +317,9 @@ def test_init_from_official_npz_and_from_another_workdir(tiny_config, tmp_path):
   for key, value in expected.items():
     np.testing.assert_array_equal(loaded[key], value, err_msg=key)
   # The 4-class head is the scratch initialisation, not the npz's 10-class one.
-  tx, _ = train.make_optimizer(config)
-  sample = jax.ShapeDtypeStruct((1, 8, 32, 32, 3), jnp.float32)
-  init = train.make_init_state(TRecViT(cfg), tx, sample, config.seed)
+  tx, _ = experiment.make_optimizer(config)
+  sample = jnp.zeros((1, 8, 32, 32, 3), jnp.float32)
+  init = experiment.make_init_state(TRecViT(cfg), tx, (sample,), config.seed)
   scratch = _flat(jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(config.seed))["params"])
   for key in ("decoder/cls_head/kernel", "decoder/cls_head/bias"):
     assert loaded[key].shape[-1] == 4

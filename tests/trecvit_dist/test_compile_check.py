@@ -51,6 +51,9 @@ def test_cli_exits_nonzero_when_the_step_does_not_fit(tmp_path):
 def test_mae_and_readout_steps_compile_for_tpu(load_config_fn, name):
   config = load_config_fn(name)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 1, 2
+  # compile_check checks the config as the trainer does (a readout needs init_from); it never
+  # reads the parameters, so the source need not exist for a compile.
+  config.init_from = "mae_workdir"
   devices, hbm = compile_check.topology_devices("v5p:2x2x1")
   compiled, _, _ = compile_check.compile_step(config, devices, batch_size=8, num_classes=4)
   # MAE: the encoder's LRU on the visible tubes and the decoder's on all of them, forward and

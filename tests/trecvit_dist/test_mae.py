@@ -6,6 +6,7 @@ only; PSNR; the pixel probe leaves the encoder's gradient alone; eval sums and i
 encoder is frozen; encoder parameters load from the official fixture with its decoder ignored.
 """
 
+import functools
 import json
 import pathlib
 
@@ -17,17 +18,14 @@ import numpy as np
 import optax
 import pytest
 
-from trecvit_dist import mae_task, official, sharding, train
+from trecvit_dist import experiment, init_from, official, sharding
 from trecvit_dist.models import TRecViT, from_official_json
-from trecvit_dist.models import mae as mae_lib
-from trecvit_dist.models.readout import (
-  ReadoutModel,
-  frozen_encoder_tx,
-  load_encoder_params,
-)
+from trecvit_dist.models import trecvit as trecvit_family
 from trecvit_dist.models.trecvit import Encoder, Tokenizer
+from trecvit_dist.tasks import mae as mae_lib
+from trecvit_dist.tasks.readout import ReadoutModel, frozen_encoder_tx
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official_trecvit"
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "official_trecvit"
 TOL = 1e-5  # simple modules, float32 (STYLE.md 10)
 FIXTURE_TOL = 1e-4  # the official fixture's tolerance
 
@@ -54,9 +52,14 @@ def shrunk_mae_config(load_config_fn, **fields):
   return config
 
 
+def build(config, num_classes):
+  """(model config, the task's model) as the trainer builds them."""
+  task = experiment.make_task(config, num_classes)
+  return task.model_cfg, task.build_model()
+
+
 def make_mae(config):
-  cfg = train.model_config(config, num_classes=4)
-  model = mae_task.build_model(config, cfg)
+  cfg, model = build(config, num_classes=4)
   d = config.data
   video = jnp.zeros((1, d.num_frames, d.image_size, d.image_size, 3), jnp.float32)
   return cfg, model, init_params(model, video)
@@ -155,8 +158,7 @@ def test_encoder_on_visible_tubes_equals_encoder_on_gathered_tokens(mae_setup):
 
 def test_masked_encoder_flops_and_memory_scale_with_visible_fraction(load_config_fn):
   config = shrunk_mae_config(load_config_fn, **{"data.image_size": 64, "data.num_frames": 2})
-  cfg = train.model_config(config, num_classes=4)
-  model = mae_task.build_model(config, cfg)
+  cfg, model = build(config, num_classes=4)
   video = jax.ShapeDtypeStruct((2, 2, 64, 64, 3), jnp.float32)
   params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), video)["params"])
   keep = jax.ShapeDtypeStruct((2, mae_lib.num_visible(64, 0.9)), jnp.int32)  # 6 of 64 tubes
@@ -239,7 +241,7 @@ def test_mae_loss_gradients_eval_step_and_images(mae_setup):
 
   def grads(p, v, rng):
     def losses(q):
-      loss, aux = mae_task.mae_loss(model, q, v, rng, ratio, norm_pix)
+      loss, aux = mae_lib.mae_loss(model, q, v, rng, ratio, norm_pix)
       return jnp.stack([loss, aux["loss_pixels"]]), (loss, aux)
 
     # One vmapped backward pass for both rows: d(loss) and d(loss_pixels).
@@ -252,9 +254,9 @@ def test_mae_loss_gradients_eval_step_and_images(mae_setup):
   # checked against numpy below.
   mesh = sharding.make_mesh(1, 2, 2, jax.devices()[:4])
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    sample = jax.ShapeDtypeStruct((1,) + video.shape[1:], video.dtype)
-    init_state = train.make_init_state(model, optax.identity(), sample, 0)
-    param_shardings = train.state_shardings_for(init_state, mesh, 0)["params"]
+    sample = jnp.zeros((1,) + video.shape[1:], video.dtype)
+    init_state = experiment.make_init_state(model, optax.identity(), (sample,), 0)
+    param_shardings = experiment.state_shardings_for(init_state, mesh, 0)[0]["params"]
     video_sharding = sharding.batch_sharding(mesh, 5)
     loss, aux, g, g_probe, out = jax.jit(
       grads, in_shardings=(param_shardings, video_sharding, None)
@@ -285,9 +287,11 @@ def test_mae_loss_gradients_eval_step_and_images(mae_setup):
   assert zero(g_probe["tokenizer"]) and zero(g_probe["encoder"])  # ... reaching nothing else
   assert zero(g_probe["mae_decoder"]["blocks"]) and zero(g_probe["mae_decoder"]["pred"])
 
-  eval_step = mae_task.make_mae_eval_step(model, ratio, norm_pix)
-  images = mae_task.make_mae_images(model, ratio, norm_pix, max_videos=4, max_frames=3)
-  both = jax.jit(lambda p, b, r: (eval_step(p, b, r), images(p, b["video"], r)))
+  def both(p, b, r):
+    sums = mae_lib.mae_eval_sums(model, p, b, r, ratio, norm_pix)
+    return sums, mae_lib.mae_images(model, p, b["video"], r, ratio, norm_pix, 4, 3)
+
+  both = jax.jit(both)
   batch = dict(video=video[:, None], label=jnp.array([-1, -1]), mask=jnp.array([True, False]))
   sums, out = both(params, batch, jax.random.key(9))
   again, _ = both(params, batch, jax.random.key(9))
@@ -302,8 +306,7 @@ def test_mae_loss_gradients_eval_step_and_images(mae_setup):
 
 def test_readout_trains_only_the_readout(load_config_fn):
   config = shrunk_mae_config(load_config_fn, task="readout", **{"model.depth": 1})
-  cfg = train.model_config(config, num_classes=5)
-  model = mae_task.build_model(config, cfg)
+  cfg, model = build(config, num_classes=5)
   assert isinstance(model, ReadoutModel)
   video = jax.random.uniform(jax.random.key(1), (2, 4, 32, 32, 3))
   params = init_params(model, video)
@@ -343,7 +346,7 @@ def test_load_encoder_params_from_official_fixture(tmp_path):
   cfg = from_official_json(json.loads((FIXTURE / "tiny_config.json").read_text()))
   flat = official.load_npz(FIXTURE / "tiny_params.npz")
   flat["mae_decoder/mask_token"] = np.zeros((16,), np.float32)  # an MAE workdir's decoder
-  params, ignored = load_encoder_params(flat, cfg, (32, 32))
+  params, ignored = trecvit_family.import_encoder(flat, cfg, (32, 32))
   assert set(params) == {"tokenizer", "encoder"}
   expected_ignored = sorted(k for k in flat if k.startswith(("decoder/", "mae_decoder/")))
   assert ignored == expected_ignored and len(ignored) == 5
@@ -354,12 +357,15 @@ def test_load_encoder_params_from_official_fixture(tmp_path):
 
   # The frozen features are the official model's encoded tokens.
   io = np.load(FIXTURE / "tiny_io.npz")
-  model = ReadoutModel(cfg)
+  model = ReadoutModel(TRecViT(cfg), cfg.num_classes, cfg.num_heads)
   video = jnp.asarray(io["input_video"])
   shapes = jax.eval_shape(model.init, jax.random.key(0), video[:1])["params"]
   fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.meta.unbox(shapes))
   np.savez(tmp_path / "mae.npz", **flat)
-  full = train.init_from(fresh, str(tmp_path / "mae.npz"), cfg, 32)  # as the trainer's readout
+  load = functools.partial(
+    init_from.load, family=trecvit_family.FAMILY, model_cfg=cfg, image_size=32
+  )
+  full = load(fresh, str(tmp_path / "mae.npz"), fresh_prefixes=("readout/",))  # as the readout
   jax.tree.map(np.testing.assert_array_equal, full["readout"], fresh["readout"])
   encoded = jax.jit(lambda p, v: model.apply({"params": p}, v, method=model.encode))(full, video)
   np.testing.assert_allclose(encoded, io["output_encoded"], atol=FIXTURE_TOL, rtol=0)
@@ -370,7 +376,7 @@ def test_load_encoder_params_from_official_fixture(tmp_path):
   classifier = TRecViT(cfg)
   shapes = jax.eval_shape(classifier.init, jax.random.key(0), video[:1])["params"]
   fresh = jax.tree.map(lambda x: jnp.full(x.shape, 7.0, x.dtype), nn.meta.unbox(shapes))
-  tuned = train.init_from(fresh, str(tmp_path / "encoder_only.npz"), cfg, 32)
+  tuned = load(fresh, str(tmp_path / "encoder_only.npz"))
   tuned = flax.traverse_util.flatten_dict(tuned, sep="/")
   assert sorted(k for k in tuned if not k.startswith("decoder/")) == sorted(encoder_only)
   for k, v in tuned.items():
@@ -381,7 +387,7 @@ def test_load_encoder_params_from_official_fixture(tmp_path):
   bad = dict(flat)
   bad["encoder/encoder_norm/scale"] = np.zeros((3,), np.float32)
   with pytest.raises(ValueError, match="mis-shaped"):
-    load_encoder_params(bad, cfg, (32, 32))
+    trecvit_family.import_encoder(bad, cfg, (32, 32))
 
 
 # ----------------------------------------------------------------------------- configs
@@ -399,16 +405,16 @@ def test_load_encoder_params_from_official_fixture(tmp_path):
 def test_configs(load_config_fn, name, task):
   config = load_config_fn(name)
   assert config.task == task
-  cfg = train.model_config(config, num_classes=config.model.num_classes)
-  model = mae_task.build_model(config, cfg)
+  the_task = experiment.make_task(config, config.model.num_classes)
+  model = the_task.build_model()
   mesh_shape = dict(data=1, fsdp=1, tensor=1)
   if task == "mae":
     assert 0.0 < config.mae.ratio < 1.0 and isinstance(model, mae_lib.TRecViTMAE)
-    assert mae_task.config_errors(config, cfg, mesh_shape) == []
-    assert mae_task.config_errors(config, cfg, dict(mesh_shape, tensor=5))  # heads % 5
+    assert the_task.config_errors(mesh_shape) == []
+    assert the_task.config_errors(dict(mesh_shape, tensor=5))  # heads % 5
   else:
     assert config.data.scale_jitter == (0.9, 1.33) and config.optimizer.learning_rate == 3e-4
-    assert "init_from" in mae_task.config_errors(config, cfg, mesh_shape)[0]
+    assert "init_from" in the_task.config_errors(mesh_shape)[0]
   if name.startswith("trecvit_"):
     assert (config.data.num_frames, config.data.stride) == (16, 2)
   if name == "trecvit_mae_k400":

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import records, shards, synthetic
-from trecvit_dist import mae_task, metrics, train
+from trecvit_dist import experiment, train
+from trecvit_dist.models import trecvit
+from trecvit_dist.tasks import mae as mae_task
 
 IMAGES_TAG = "eval/mae_input_masked_reconstruction"
 
@@ -173,13 +175,14 @@ def test_classification_refuses_unlabelled_data_and_readout_needs_init_from(
 
 def test_mae_flops_scale_with_the_visible_fraction(load_config_fn):
   config = load_config_fn("trecvit_mae_k400")
-  cfg = train.model_config(config, num_classes=1)
+  task = experiment.make_task(config, num_classes=1)
+  cfg = task.model_cfg
   decoder = mae_task.decoder_config(config).blocks_config(cfg)
   d = config.data
-  full = metrics.mae_train_flops_per_clip(cfg, decoder, d.num_frames, d.image_size, visible=196)
-  masked = train.task_flops_per_clip(config, cfg)
-  supervised = metrics.train_flops_per_clip(cfg, d.num_frames, d.image_size)
-  assert masked == metrics.mae_train_flops_per_clip(
+  full = mae_task.mae_train_flops_per_clip(cfg, decoder, d.num_frames, d.image_size, visible=196)
+  masked = task.train_flops_per_clip()
+  supervised = 3 * trecvit.forward_flops(cfg, d.num_frames, d.image_size)
+  assert masked == mae_task.mae_train_flops_per_clip(
     cfg, decoder, d.num_frames, d.image_size, visible=20
   )
   assert masked < 0.3 * supervised < full

@@ -14,7 +14,7 @@ import pytest
 from trecvit_dist import inference, official
 from trecvit_dist.models import TRecViT, from_official_json, make_config
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official_trecvit"
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "official_trecvit"
 TOL = 1e-4  # the fixture README's tolerance for a faithful float32 implementation
 
 

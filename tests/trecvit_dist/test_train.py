@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from trecvit_dist import checkpointing, sharding, train
+from trecvit_dist import checkpointing, experiment, sharding, train
 
 RTOL = 1e-5  # sharded vs single-device losses (issue 5)
 
@@ -120,7 +120,7 @@ def test_decay_mask_skips_norms_biases_posemb_and_a_param():
     "lru": {"a_param": 0, "conv_1d": {"w": 0, "b": 0}},
     "norm": {"scale": 0},
   }
-  mask = train.decay_mask(params)
+  mask = experiment.decay_mask(params)
   assert mask["tokenizer"]["embedding"]["kernel"] and mask["lru"]["conv_1d"]["w"]
   assert not any(
     [

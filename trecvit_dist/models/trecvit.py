@@ -4,196 +4,168 @@ Input video float32 [b, t, h, w, 3] in [0, 1]. Tokens x_BTNC: [b, t, n (+1 CLS),
 Per layer: (b t n c) -> ((b n) t c) gated-LRU residual block; ((b t) n c) ViT block.
 
 Module and parameter names follow the official release (tokenizer/, encoder/residualblock_{i:02d},
-encoder/encoderblock_{i}, decoder/) so official checkpoints load by path. Linen is used (not NNX)
-because the official model is linen, so its parameter tree maps one-to-one, and linen's logical
-partitioning (nn.with_logical_partitioning + logical rules) is what the trainer shards with.
+encoder/encoderblock_{i}, decoder/) so official checkpoints load by path (`import_params`).
+Linen is used (not NNX) because the official model is linen, so its parameter tree maps
+one-to-one, and linen's logical partitioning (nn.with_logical_partitioning + logical rules) is
+what the trainer shards with.
 
 Every temporal block accepts a recurrent `state` ({"h": [(b n), lru_width], "conv": [(b n),
 W-1, lru_width]}); None means "start of a video". Passing the returned state back continues the
 video, which is how frame-by-frame inference runs in constant memory.
+
+The family (`FAMILY`, model.name=trecvit) owns the config, the named sizes (Ti, S, B, L, H), the
+config checks against the mesh and the data, the analytic FLOPs behind perf/mfu, and the import
+of official and ImageNet-ViT .npz files.
 """
 
 from __future__ import annotations
 
-import functools
-import math
+import dataclasses
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import einops
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kernels
-from trecvit_dist.models.config import TRecViTConfig
+from trecvit_dist.models import layers
+from trecvit_dist.models.family import ModelFamily, TokenGrid
+from trecvit_dist.models.layers import LOGICAL
 
-LOGICAL = nn.with_logical_partitioning
-Dtype = Any
+# width, depth, mlp_dim, num_heads: the ViT sizes the paper's TRecViT variants follow.
+VARIANTS: dict[str, dict[str, int]] = {
+  "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+  "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+  "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+  "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+  "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+}
 
 
-def _dtype(cfg: TRecViTConfig) -> Dtype:
+@dataclasses.dataclass(frozen=True)
+class TRecViTConfig:
+  """Every hyper-parameter of the official TRecViT; defaults are the released TRecViT-B (K400)."""
+
+  width: int = 768
+  depth: int = 12
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  patch_size: tuple[int, int, int] = (1, 16, 16)
+  num_classes: int = 400
+  # Pre-logits Dense(rep_size) + tanh before the classifier, as released; None drops it.
+  rep_size: int | None = 3072
+  # Clips of this many frames are run independently (fresh recurrent state) and averaged.
+  frames_per_clip: int = 32
+  conv1d_temporal_width: int = 4  # 4 as released, 2 in the paper.
+  state_multiplier: int = 2  # lru_width = state_multiplier * width (1 gives the paper's 109M).
+  lru_num_heads: int | None = None  # blocks of the block-diagonal gates; None = num_heads.
+  min_rad: float = 0.5
+  max_rad: float = 0.999
+  lru_c: float = 8.0
+  lru_impl: str = "auto"  # kernels.gated_lru impl: "auto", "pallas", "xla", "associative".
+  posemb: str = "learned"  # "learned" or "sincos2d" (spatial only).
+  use_cls_token: bool = True
+  pooling: str = "cls"  # "cls" (mean over frames of the per-frame CLS) or "gap" (all tokens).
+  classifier_dropout: float = 0.0
+  dtype: str = "float32"  # compute dtype; parameters stay float32.
+  remat: str = "none"  # "none", "full", "dots_saveable" (rematerialise each layer).
+  # Ablation switch: False drops every gated-LRU block (a per-frame ViT, blind to motion).
+  temporal_blocks: bool = True
+
+  def __post_init__(self):
+    errors = []
+    if self.width % self.num_heads:
+      errors.append(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    if len(tuple(self.patch_size)) != 3:
+      errors.append(f"patch_size must be (t, h, w), got {self.patch_size}")
+    if self.lru_width % self.gate_heads:
+      errors.append(f"lru width {self.lru_width} is not divisible by {self.gate_heads} gate heads")
+    if self.posemb not in ("learned", "sincos2d"):
+      errors.append(f"posemb must be 'learned' or 'sincos2d', got {self.posemb!r}")
+    if self.pooling not in ("cls", "gap"):
+      errors.append(f"pooling must be 'cls' or 'gap', got {self.pooling!r}")
+    if self.pooling == "cls" and not self.use_cls_token:
+      errors.append("pooling='cls' needs use_cls_token=True (or set pooling='gap')")
+    if self.remat not in layers.REMAT_POLICIES:
+      errors.append(f"remat must be 'none', 'full' or 'dots_saveable', got {self.remat!r}")
+    if self.lru_impl not in ("auto", "pallas", "xla", "associative"):
+      errors.append(f"lru_impl must be auto/pallas/xla/associative, got {self.lru_impl!r}")
+    if not 0.0 < self.min_rad < self.max_rad < 1.0:
+      errors.append(f"need 0 < min_rad < max_rad < 1, got {self.min_rad}, {self.max_rad}")
+    if errors:
+      raise ValueError("Invalid TRecViT config: " + "; ".join(errors) + ".")
+    object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+
+  @property
+  def lru_width(self) -> int:
+    return self.state_multiplier * self.width
+
+  @property
+  def gate_heads(self) -> int:
+    return self.lru_num_heads or self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def lru(self) -> layers.LRUSettings:
+    return layers.LRUSettings(
+      lru_width=self.lru_width,
+      gate_heads=self.gate_heads,
+      conv1d_temporal_width=self.conv1d_temporal_width,
+      min_rad=self.min_rad,
+      max_rad=self.max_rad,
+      c=self.lru_c,
+      impl=self.lru_impl,
+      dtype=self.dtype,
+    )
+
+  def replace(self, **kwargs) -> TRecViTConfig:
+    return dataclasses.replace(self, **kwargs)
+
+
+def make_config(variant: str | None = None, **overrides: Any) -> TRecViTConfig:
+  """Config for a named size ("Ti", "S", "B", "L", "H"), with field overrides."""
+  fields = {}
+  if variant:
+    if variant not in VARIANTS:
+      raise ValueError(f"Unknown TRecViT variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+    fields.update(VARIANTS[variant])
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(TRecViTConfig)}
+  if unknown:
+    raise ValueError(f"Unknown TRecViT config fields: {sorted(unknown)}.")
+  fields.update({k: v for k, v in overrides.items() if v is not None or k == "rep_size"})
+  return TRecViTConfig(**fields)
+
+
+def from_official_json(cfg: Mapping[str, Any], **overrides: Any) -> TRecViTConfig:
+  """Config from the official fixture's JSON keys (tiny_config.json layout)."""
+  fields = dict(
+    width=cfg["width"],
+    depth=cfg["depth"],
+    mlp_dim=cfg["mlp_dim"],
+    num_heads=cfg["num_heads"],
+    patch_size=tuple(cfg["patch_size"]),
+    conv1d_temporal_width=cfg.get("conv1d_temporal_width", 4),
+    state_multiplier=cfg.get("state_multiplier", 2),
+    min_rad=cfg.get("min_rad", 0.5),
+    num_classes=cfg["num_classes"],
+    rep_size=cfg.get("rep_size"),
+    frames_per_clip=cfg.get("frames_per_clip", cfg.get("frames", 32)),
+  )
+  fields.update(overrides)
+  return TRecViTConfig(**fields)
+
+
+def _dtype(cfg: TRecViTConfig):
   return jnp.dtype(cfg.dtype)
 
 
-def a_param_init(min_rad: float, max_rad: float, eps: float = 1e-8):
-  """a_param so that a = exp(-softplus(a_param)) lies uniformly (in r^2) on [min_rad, max_rad]."""
-
-  def init(key, shape, dtype=jnp.float32):
-    u = jax.random.uniform(key, shape, jnp.float32)
-    r2 = u * (max_rad**2 - min_rad**2) + min_rad**2
-    a_real = 0.5 * jnp.log(r2 + eps)
-    # Inverse softplus of -a_real: softplus(a_param) = -a_real.
-    return jnp.log(jnp.expm1(-a_real)).astype(dtype)
-
-  return init
-
-
-class RMSNorm(nn.Module):
-  """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
-
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", LOGICAL(nn.initializers.zeros_init(), ("embed",)), (x.shape[-1],))
-    x32 = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(var + self.eps) * (1.0 + scale).reshape((1,) * (x.ndim - 1) + (-1,))
-    return y.astype(x.dtype)
-
-
-class Conv1D(nn.Module):
-  """Causal depthwise conv over time: out[t] = b + sum_s w[W-1-s] * x[t-s] (zeros before t=0).
-
-  x_BTD [batch, time, width]; the state is the last W-1 inputs [batch, W-1, width].
-  """
-
-  temporal_width: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BTD, window_BWD=None):
-    width = x_BTD.shape[-1]
-    w = self.param(
-      "w",
-      LOGICAL(nn.initializers.normal(1.0 / math.sqrt(width)), (None, "lru")),
-      (self.temporal_width, width),
-    )
-    b = self.param("b", LOGICAL(nn.initializers.zeros_init(), ("lru",)), (width,))
-    w, b = w.astype(self.dtype), b.astype(self.dtype)
-    pad = self.temporal_width - 1
-    if window_BWD is None:
-      window_BWD = jnp.zeros((x_BTD.shape[0], pad, width), x_BTD.dtype)
-    x_full = jnp.concatenate([window_BWD.astype(x_BTD.dtype), x_BTD], axis=1)
-    t = x_BTD.shape[1]
-    out = jnp.broadcast_to(b[None, None], x_BTD.shape)
-    for shift in range(self.temporal_width):
-      # x[t - shift] for every output t lives at x_full[pad - shift + t].
-      out = out + x_full[:, pad - shift : pad - shift + t] * w[None, None, pad - shift]
-    new_window = x_full[:, x_full.shape[1] - pad :] if pad else window_BWD
-    return out, new_window
-
-
-class BlockDiagonalLinear(nn.Module):
-  """Block-diagonal linear map with `num_blocks` blocks: w [h, i, j], b [h, j]."""
-
-  num_blocks: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    bw = x.shape[-1] // self.num_blocks
-    w = self.param(
-      "w",
-      LOGICAL(nn.initializers.normal(1.0 / math.sqrt(bw)), ("lru_heads", None, None)),
-      (self.num_blocks, bw, bw),
-    )
-    b = self.param(
-      "b", LOGICAL(nn.initializers.zeros_init(), ("lru_heads", None)), (self.num_blocks, bw)
-    )
-    x = einops.rearrange(x, "... (h i) -> ... h i", h=self.num_blocks)
-    y = jnp.einsum("...hi,hij->...hj", x, w.astype(self.dtype))
-    y = y + b.astype(self.dtype).reshape((1,) * (y.ndim - 2) + b.shape)
-    return einops.rearrange(y, "... h j -> ... (h j)")
-
-
-def _dense(features, names, dtype, name):
-  return nn.Dense(
-    features,
-    dtype=dtype,
-    kernel_init=LOGICAL(nn.initializers.lecun_normal(), names),
-    bias_init=LOGICAL(nn.initializers.zeros_init(), names[-1:]),
-    name=name,
-  )
-
-
-def run_lru(x, gate_x, gate_a, a_param, h0, *, c, impl):
-  """Runs kernels.gated_lru; per shard under shard_map when a mesh is active (the trainer's).
-
-  Shapes that do not divide over the mesh (e.g. a batch-1 init) run unsharded.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  # Compiling for a TPU/GPU mesh from a CPU host (compile_check): the real kernel, not interpret.
-  platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
-  interpret = None
-  if platform in ("tpu", "gpu", "cuda", "rocm"):
-    interpret = False
-    impl = "pallas" if impl == "auto" else impl
-  if mesh is not None and not mesh.empty and mesh.size > 1:
-    batch_ways = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-    if x.shape[0] % batch_ways == 0 and x.shape[-1] % mesh.shape.get("tensor", 1) == 0:
-      return kernels.gated_lru_sharded(
-        x,
-        gate_x,
-        gate_a,
-        a_param,
-        h0=h0,
-        c=c,
-        impl=impl,
-        mesh=mesh,
-        batch_axes=("data", "fsdp"),
-        width_axis="tensor",
-        interpret=interpret,
-      )
-  return kernels.gated_lru(x, gate_x, gate_a, a_param, h0=h0, c=c, impl=impl, interpret=interpret)
-
-
-class RGLRU(nn.Module):
-  """Real-gated linear recurrent unit over x_BTD [batch, time, lru_width]."""
-
-  cfg: TRecViTConfig
-
-  @nn.compact
-  def __call__(self, x_BTD, h0_BD=None):
-    cfg = self.cfg
-    a_param = self.param(
-      "a_param", LOGICAL(a_param_init(cfg.min_rad, cfg.max_rad), ("lru",)), (x_BTD.shape[-1],)
-    )
-    dtype = _dtype(cfg)
-    gate_x = BlockDiagonalLinear(cfg.gate_heads, dtype, name="input_gate")(x_BTD)
-    gate_a = BlockDiagonalLinear(cfg.gate_heads, dtype, name="a_gate")(x_BTD)
-    return run_lru(x_BTD, gate_x, gate_a, a_param, h0_BD, c=cfg.lru_c, impl=cfg.lru_impl)
-
-
-class RecurrentBlock(nn.Module):
-  """Griffin recurrent block: linear_out(gelu(linear_y(x)) * rg_lru(conv_1d(linear_x(x))))."""
-
-  cfg: TRecViTConfig
-
-  @nn.compact
-  def __call__(self, x_BTC, state=None):
-    cfg, dtype = self.cfg, _dtype(self.cfg)
-    y = _dense(cfg.lru_width, ("embed", "lru"), dtype, "linear_y")(x_BTC)
-    y = jax.nn.gelu(y)
-    x = _dense(cfg.lru_width, ("embed", "lru"), dtype, "linear_x")(x_BTC)
-    x = nn.with_logical_constraint(x, ("act_batch", None, "act_lru"))
-    x, conv_window = Conv1D(cfg.conv1d_temporal_width, dtype, name="conv_1d")(
-      x, None if state is None else state["conv"]
-    )
-    h, h_last = RGLRU(cfg, name="rg_lru")(x, None if state is None else state["h"])
-    out = _dense(cfg.width, ("lru", "embed"), dtype, "linear_out")(h * y)
-    return out, {"h": h_last.astype(jnp.float32), "conv": conv_window}
+# ----------------------------------------------------------------------------- modules
 
 
 class ResidualBlock(nn.Module):
@@ -206,81 +178,10 @@ class ResidualBlock(nn.Module):
     b, _, n, _ = x_BTNC.shape
     x = einops.rearrange(x_BTNC, "b t n c -> (b n) t c")
     x = nn.with_logical_constraint(x, ("act_batch", None, "act_embed"))
-    y = RMSNorm(name="temporal_pre_norm")(x)
-    y, state = RecurrentBlock(self.cfg, name="recurrent_block")(y, state)
+    y = layers.RMSNorm(name="temporal_pre_norm")(x)
+    y, state = layers.RecurrentBlock(self.cfg.lru, name="recurrent_block")(y, state)
     x = x + y
     return einops.rearrange(x, "(b n) t c -> b t n c", b=b, n=n), state
-
-
-class HeadsProjection(nn.Module):
-  """x [..., c] -> [..., heads, head_dim] (kernel [c, heads, head_dim], official layout)."""
-
-  heads: int
-  head_dim: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param(
-      "kernel",
-      LOGICAL(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv")),
-      (x.shape[-1], self.heads, self.head_dim),
-    )
-    bias = self.param(
-      "bias", LOGICAL(nn.initializers.zeros_init(), ("heads", "kv")), (self.heads, self.head_dim)
-    )
-    y = jnp.einsum("...c,chd->...hd", x, kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 2) + bias.shape)
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention over the tokens of one frame: x_BNC -> x_BNC."""
-
-  cfg: TRecViTConfig
-
-  @nn.compact
-  def __call__(self, x_BNC):
-    cfg, dtype = self.cfg, _dtype(self.cfg)
-    q, k, v = (
-      HeadsProjection(cfg.num_heads, cfg.head_dim, dtype, name=name)(x_BNC)
-      for name in ("query", "key", "value")
-    )
-    q = q / jnp.sqrt(jnp.asarray(cfg.head_dim, dtype))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
-    out_BNHD = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    return OutProjection(cfg.width, dtype, name="out")(out_BNHD)
-
-
-class OutProjection(nn.Module):
-  """[..., heads, head_dim] -> [..., width] (kernel [heads, head_dim, width], official layout)."""
-
-  width: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    heads, head_dim = x.shape[-2:]
-    kernel = self.param(
-      "kernel",
-      LOGICAL(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),
-      (heads, head_dim, self.width),
-    )
-    bias = self.param("bias", LOGICAL(nn.initializers.zeros_init(), ("embed",)), (self.width,))
-    y = jnp.einsum("...hd,hdc->...c", x, kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-
-
-class MlpBlock(nn.Module):
-  cfg: TRecViTConfig
-
-  @nn.compact
-  def __call__(self, x):
-    cfg, dtype = self.cfg, _dtype(self.cfg)
-    x = _dense(cfg.mlp_dim, ("embed", "mlp"), dtype, "Dense_0")(x)
-    x = nn.with_logical_constraint(x, ("act_batch", None, "act_mlp"))
-    x = jax.nn.gelu(x)
-    return _dense(cfg.width, ("mlp", "embed"), dtype, "Dense_1")(x)
 
 
 class EncoderBlock(nn.Module):
@@ -293,26 +194,9 @@ class EncoderBlock(nn.Module):
     b = x_BTNC.shape[0]
     x = einops.rearrange(x_BTNC, "b t n c -> (b t) n c")
     x = nn.with_logical_constraint(x, ("act_batch", None, "act_embed"))
-    ln = functools.partial(
-      nn.LayerNorm,
-      epsilon=1e-6,
-      dtype=_dtype(self.cfg),
-      scale_init=LOGICAL(nn.initializers.ones_init(), ("embed",)),
-      bias_init=LOGICAL(nn.initializers.zeros_init(), ("embed",)),
-    )
-    x = x + Attention(self.cfg, name="MultiHeadDotProductAttention_0")(ln(name="LayerNorm_0")(x))
-    x = x + MlpBlock(self.cfg, name="MlpBlock_0")(ln(name="LayerNorm_1")(x))
+    cfg = self.cfg
+    x = layers.vit_block(x, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, dtype=_dtype(cfg))
     return einops.rearrange(x, "(b t) n c -> b t n c", b=b)
-
-
-def _remat(cls, policy: str):
-  if policy == "none":
-    return cls
-  saveable = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }[policy]
-  return nn.remat(cls, policy=saveable)
 
 
 class Encoder(nn.Module):
@@ -323,8 +207,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x_BTNC, state=None):
     cfg = self.cfg
-    residual_cls = _remat(ResidualBlock, cfg.remat)
-    encoder_cls = _remat(EncoderBlock, cfg.remat)
+    residual_cls = layers.remat(ResidualBlock, cfg.remat)
+    encoder_cls = layers.remat(EncoderBlock, cfg.remat)
     new_state = []
     for i in range(cfg.depth):
       if cfg.temporal_blocks:
@@ -333,25 +217,8 @@ class Encoder(nn.Module):
         )
         new_state.append(layer_state)
       x_BTNC = encoder_cls(cfg, name=f"encoderblock_{i}")(x_BTNC)
-    x_BTNC = nn.LayerNorm(
-      epsilon=1e-6,
-      dtype=_dtype(cfg),
-      name="encoder_norm",
-      scale_init=LOGICAL(nn.initializers.ones_init(), ("embed",)),
-      bias_init=LOGICAL(nn.initializers.zeros_init(), ("embed",)),
-    )(x_BTNC)
+    x_BTNC = layers.layer_norm(_dtype(cfg), "encoder_norm")(x_BTNC)
     return x_BTNC, tuple(new_state)
-
-
-def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
-  """Fixed 2D sin-cos position embedding [h*w, width] (MoCo v3 / big_vision layout)."""
-  if width % 4:
-    raise ValueError(f"sincos2d position embedding needs width divisible by 4, got {width}.")
-  y, x = np.mgrid[:h, :w]
-  omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
-  y = np.einsum("m,d->md", y.flatten(), omega)
-  x = np.einsum("m,d->md", x.flatten(), omega)
-  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
 class Tokenizer(nn.Module):
@@ -379,7 +246,7 @@ class Tokenizer(nn.Module):
     b, t, gh, gw, c = x.shape
     x = einops.rearrange(x, "b t gh gw c -> b t (gh gw) c")
     if cfg.posemb == "sincos2d":
-      pos_NC = jnp.asarray(sincos_2d(gh, gw, cfg.width))
+      pos_NC = jnp.asarray(layers.sincos_2d(gh, gw, cfg.width))
     else:
       pos_NC = self.param(
         "pos_embedding",
@@ -410,7 +277,7 @@ class ClassifierHead(nn.Module):
   def setup(self):
     cfg = self.cfg
     if cfg.rep_size:
-      self.pre_logits = _dense(cfg.rep_size, ("embed", "mlp"), jnp.float32, "pre_logits")
+      self.pre_logits = layers.dense(cfg.rep_size, ("embed", "mlp"), jnp.float32, "pre_logits")
     self.cls_head = nn.Dense(
       cfg.num_classes,
       kernel_init=LOGICAL(
@@ -472,6 +339,11 @@ class TRecViT(nn.Module):
     x = nn.with_logical_constraint(x, ("act_batch", None, None, "act_embed"))
     return self.encoder(x, state)
 
+  def tokens(self, video_BTHWC, train: bool = False):
+    """Final-layer tokens [b, t', 1 + n, c] (the per-frame CLS first), from a fresh state."""
+    del train
+    return self.encode(video_BTHWC)[0]
+
   def __call__(self, video_BTHWC, train: bool = False):
     """One clip from a fresh state: logits [b, classes]."""
     encoded, _ = self.encode(video_BTHWC)
@@ -483,3 +355,188 @@ class TRecViT(nn.Module):
 
   def classify(self, pooled_BR):
     return self.decoder.logits(pooled_BR)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def blocks_flops(cfg: TRecViTConfig, frames: int, tokens_per_frame: int) -> float:
+  """Forward FLOPs (2 per multiply-add) of cfg.depth layers on [frames, tokens_per_frame] tokens.
+
+  Counts matmuls and attention; element-wise work (norms, gates' nonlinearities, the scan
+  itself) is left out, as is customary for MFU.
+  """
+  per_token = layers.vit_block_flops(cfg.width, cfg.mlp_dim, tokens_per_frame)
+  if cfg.temporal_blocks:
+    per_token += layers.recurrent_block_flops(cfg.width, cfg.lru)
+  return float(cfg.depth * frames * tokens_per_frame * per_token)
+
+
+def grid(cfg: TRecViTConfig, num_frames: int, image_size: int) -> tuple[int, int, int]:
+  """(frames t, patches per frame n, pixels per patch P * 3)."""
+  pt, ph, pw = cfg.patch_size
+  return num_frames // pt, (image_size // ph) * (image_size // pw), pt * ph * pw * 3
+
+
+def forward_flops(cfg: TRecViTConfig, num_frames: int, image_size: int, head: bool = True) -> float:
+  """Analytic forward FLOPs of one clip through TRecViT (see blocks_flops)."""
+  t, n, patch_dim = grid(cfg, num_frames, image_size)
+  c, cls = cfg.width, int(cfg.use_cls_token)
+  patch = 2 * t * n * patch_dim * c
+  classifier = 2 * t * c * (cfg.rep_size or 0) + 2 * (cfg.rep_size or c) * cfg.num_classes
+  return float(patch + blocks_flops(cfg, t, n + cls) + (classifier if head else 0))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def config_errors(cfg: TRecViTConfig, mesh_shape: Mapping[str, int], num_frames, image_size):
+  """What would otherwise fail deep inside a compile: sizes that do not split over the mesh."""
+  errors = []
+  tensor = mesh_shape.get("tensor", 1)
+  for what, size in (
+    ("num_heads", cfg.num_heads),
+    ("mlp_dim", cfg.mlp_dim),
+    ("lru width", cfg.lru_width),
+    ("gate heads", cfg.gate_heads),
+  ):
+    if size % tensor:
+      errors.append(f"{what} {size} is not divisible by mesh.tensor={tensor}")
+  if cfg.width % mesh_shape.get("fsdp", 1):
+    errors.append(f"width {cfg.width} is not divisible by mesh.fsdp={mesh_shape['fsdp']}")
+  if image_size % cfg.patch_size[1] or num_frames % cfg.patch_size[0]:
+    errors.append(
+      f"data.image_size {image_size} / data.num_frames {num_frames} do not divide by the patch "
+      f"size {cfg.patch_size}"
+    )
+  return errors
+
+
+def _finalize(values: dict, *, fields, num_frames: int, image_size: int) -> dict:
+  del image_size
+  values["frames_per_clip"] = num_frames
+  if fields.get("rep_size") is None:  # unset: 4 * width, as released (3072 for B)
+    values["rep_size"] = 4 * values.get("width", TRecViTConfig.width)
+  return values
+
+
+def token_grid(cfg: TRecViTConfig, num_frames: int, image_size: int) -> TokenGrid:
+  pt, ph, pw = cfg.patch_size
+  return TokenGrid(num_frames // pt, int(cfg.use_cls_token), image_size // ph, image_size // pw)
+
+
+# ----------------------------------------------------------------------------- official layout
+
+
+def expected_shapes(cfg: TRecViTConfig, image_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+  """Flat {"a/b/c": shape} of the parameters our model has for this config and image size."""
+  video = jax.ShapeDtypeStruct((1, cfg.patch_size[0], *image_size, 3), jnp.float32)
+  variables = jax.eval_shape(TRecViT(cfg).init, jax.random.key(0), video)
+  flat = flax.traverse_util.flatten_dict(nn.meta.unbox(variables["params"]), sep="/")
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def import_params(
+  flat: Mapping[str, np.ndarray],
+  cfg: TRecViTConfig,
+  image_size: tuple[int, int],
+  *,
+  ignore_prefixes: Iterable[str] = (),
+  allow_missing_prefixes: Iterable[str] = (),
+) -> dict:
+  """Official flat params -> our nested params; lists every missing, unexpected or mis-shaped key.
+
+  ignore_prefixes: checkpoint keys to drop silently (e.g. an MAE pixel decoder when only the
+  encoder is wanted). allow_missing_prefixes: our keys that may stay absent (the caller
+  initialises them, e.g. a new classifier head).
+  """
+  expected = expected_shapes(cfg, image_size)
+  ignore, allow_missing = tuple(ignore_prefixes), tuple(allow_missing_prefixes)
+  given = {k: v for k, v in flat.items() if not (ignore and k.startswith(ignore))}
+  missing = sorted(
+    k for k in expected if k not in given and not (allow_missing and k.startswith(allow_missing))
+  )
+  unexpected = sorted(k for k in given if k not in expected)
+  misshaped = sorted(
+    f"{k}: checkpoint {tuple(given[k].shape)} vs model {expected[k]}"
+    for k in given
+    if k in expected and tuple(given[k].shape) != expected[k]
+  )
+  if missing or unexpected or misshaped:
+    lines = ["The checkpoint does not match the model config:"]
+    for title, keys in (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("mis-shaped", misshaped),
+    ):
+      if keys:
+        lines.append(f"  {len(keys)} {title} key(s):")
+        lines += [f"    {k}" for k in keys]
+    lines.append(
+      "Check the config (width, depth, heads, mlp_dim, patch_size, state_multiplier, "
+      "conv1d_temporal_width, rep_size, num_classes, image size for pos_embedding)."
+    )
+    raise ValueError("\n".join(lines))
+  kept = {tuple(k.split("/")): jnp.asarray(v, jnp.float32) for k, v in given.items()}
+  return flax.traverse_util.unflatten_dict(kept)
+
+
+ENCODER_PREFIXES = ("tokenizer/", "encoder/")
+HEAD_PREFIXES = ("decoder/",)
+
+
+def import_encoder(flat: Mapping[str, np.ndarray], cfg: TRecViTConfig, image_size):
+  """({"tokenizer": ..., "encoder": ...}, ignored keys) from a flat official-layout dict.
+
+  Keys outside tokenizer/ and encoder/ (a classifier's or an MAE release's decoder/, our
+  mae_decoder/) are ignored and listed; tokenizer/ and encoder/ must match cfg exactly (missing,
+  unexpected or mis-shaped keys raise import_params' ValueError).
+  """
+  ignored = sorted(k for k in flat if not k.startswith(ENCODER_PREFIXES))
+  params = import_params(
+    flat, cfg, image_size, ignore_prefixes=tuple(ignored), allow_missing_prefixes=HEAD_PREFIXES
+  )
+  return {k: params[k] for k in ("tokenizer", "encoder")}, ignored
+
+
+def import_npz(flat: Mapping[str, np.ndarray], cfg: TRecViTConfig, image_size, with_head: bool):
+  """An official-layout .npz -> (flat params under our paths, notes) for init_from.
+
+  With a classifier wanted and present in the file, everything loads (a head of another class
+  count is left out, so it starts fresh); otherwise only the encoder loads (`import_encoder`).
+  """
+  size = (image_size, image_size)
+  if with_head and any(k.startswith("decoder/cls_head") for k in flat):
+    shapes = expected_shapes(cfg, size)
+    mismatch = any(
+      k.startswith("decoder/cls_head") and k in shapes and tuple(v.shape) != shapes[k]
+      for k, v in flat.items()
+    )
+    kept = {k: v for k, v in flat.items() if not (mismatch and k.startswith("decoder/cls_head"))}
+    params = import_params(
+      kept,
+      cfg,
+      size,
+      ignore_prefixes=("mae_decoder/",),
+      allow_missing_prefixes=("decoder/cls_head",) if mismatch else (),
+    )
+    notes = ["the classifier head has another class count: not loaded"] if mismatch else []
+  else:
+    params, ignored = import_encoder(flat, cfg, size)
+    notes = [f"ignored {len(ignored)} keys: {ignored}"] if ignored else []
+  return flax.traverse_util.flatten_dict(params, sep="/"), notes
+
+
+FAMILY = ModelFamily(
+  name="trecvit",
+  config_class=TRecViTConfig,
+  variants=VARIANTS,
+  build=TRecViT,
+  config_errors=config_errors,
+  forward_flops=forward_flops,
+  token_grid=token_grid,
+  head_prefixes=HEAD_PREFIXES,
+  finalize=_finalize,
+  import_npz=import_npz,
+  causal=True,
+)
