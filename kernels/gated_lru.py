@@ -6,7 +6,8 @@ Semantics: `kernels.reference` (the pure-JAX references live there and are re-ex
 What runs is decided where the computation is lowered, not from the host's default backend, so a
 CPU host that AOT-compiles for TPU or GPU gets the real kernel (`lax.platform_dependent`):
 
-  impl="auto":   TPU, GPU -> the Pallas kernel;  CPU -> the lax.scan reference.
+  impl="auto":   TPU, GPU -> the Pallas kernel;  CPU -> "xla" (`gated_lru_xla`: the scan
+                 reference's numbers, in place, with a hand-written VJP).
   impl="pallas", interpret=None: TPU -> Mosaic, GPU -> Triton, CPU -> the Pallas interpreter.
 
 gated_lru_fwd and gated_lru_vjp are the two halves (forward; VJP given the forward's h) for callers
@@ -15,12 +16,16 @@ that own the custom VJP, with a run-time `reset` flag: the time-parallel shards 
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 
 from kernels.gated_lru_pallas import gated_lru_pallas, gated_lru_pallas_fwd, gated_lru_pallas_vjp
 from kernels.reference import (
   SQRT_MAX_GRADIENT,
   _check_shapes,
+  _gates,
   gated_lru_associative,
   gated_lru_scan,
   gated_lru_scan_vjp,
@@ -28,6 +33,79 @@ from kernels.reference import (
 )
 
 IMPLS = ("auto", "pallas", "xla", "associative")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gated_lru_xla(x, gate_x, gate_a, a_param, h0, c=8.0):
+  """The "xla" impl: gated_lru_scan's numbers, with the recurrence written in place.
+
+  The forward walks time in a fori_loop that overwrites b_t with h_t in b's own buffer, so no
+  zero-initialised output buffer exists: lax.scan's stacked output is one such buffer per call,
+  which XLA's scheduler creates up front (it has no operands), so a 12-layer forward held all 12
+  at once (TRecViT-B, 32 frames, CPU: 1020 MiB temp against 576 MiB in place; docs/benchmarks.md).
+  The backward is gated_lru_scan_vjp's, in place the same way (reads h, recomputes the gates).
+  """
+  return _inplace_forward(x, gate_x, gate_a, a_param, h0, c)
+
+
+def _inplace_forward(x, gate_x, gate_a, a_param, h0, c):
+  a, b = _gates(x, gate_x, gate_a, a_param, c, reset_first=h0 is None)
+  h_init = jnp.zeros_like(b[:, 0]) if h0 is None else h0.astype(jnp.float32)
+  a_TBW, b_TBW = jnp.swapaxes(a, 0, 1), jnp.swapaxes(b, 0, 1)
+
+  def step(t, carry):
+    h, buf_TBW = carry
+    h = a_TBW[t] * h + buf_TBW[t]
+    return h, buf_TBW.at[t].set(h)
+
+  h_last, h_TBW = jax.lax.fori_loop(0, a_TBW.shape[0], step, (h_init, b_TBW))
+  return jnp.swapaxes(h_TBW, 0, 1).astype(x.dtype), h_last.astype(x.dtype)
+
+
+def _xla_fwd(x, gate_x, gate_a, a_param, h0, c):
+  h, h_last = _inplace_forward(x, gate_x, gate_a, a_param, h0, c)
+  return (h, h_last), (x, gate_x, gate_a, a_param, h0, h)
+
+
+def _inplace_vjp(x, gate_x, gate_a, a_param, h0, h, dh, dh_last, c):
+  """gated_lru_scan_vjp's numbers; the reverse recurrence of g writes into dh's own buffer."""
+  f32 = jnp.float32
+  (a, _), gates_vjp = jax.vjp(
+    lambda *v: _gates(*v, c, reset_first=h0 is None), x, gate_x, gate_a, a_param
+  )
+  dh = dh.astype(f32).at[:, -1].add(dh_last.astype(f32))
+  a_TBW, buf_TBW = jnp.swapaxes(a, 0, 1), jnp.swapaxes(dh, 0, 1)
+  num_steps = a_TBW.shape[0]
+
+  def step(i, carry):  # g_t = dh_t + a_{t+1} g_{t+1}, t = T-1 .. 0
+    g_next, buf = carry
+    t = num_steps - 1 - i
+    g = buf[t] + a_TBW[jnp.minimum(t + 1, num_steps - 1)] * g_next
+    return g, buf.at[t].set(g)
+
+  _, g_TBW = jax.lax.fori_loop(0, num_steps, step, (jnp.zeros_like(buf_TBW[0]), buf_TBW))
+  g = jnp.swapaxes(g_TBW, 0, 1)
+  start = jnp.zeros_like(g[:, :1]) if h0 is None else h0.astype(f32)[:, None]
+  h_prev = jnp.concatenate([start, h[:, :-1].astype(f32)], axis=1)
+  dx, dgx, dga, dap = gates_vjp((g * h_prev, g))
+  return dx, dgx, dga, dap, None if h0 is None else a[:, 0] * g[:, 0]
+
+
+def _xla_bwd(c, residuals, cotangents):
+  x, gate_x, gate_a, a_param, h0, h = residuals
+  dh, dh_last = cotangents
+  dx, dgx, dga, dap, dh0 = _inplace_vjp(x, gate_x, gate_a, a_param, h0, h, dh, dh_last, c)
+  cast = lambda d, like: d.astype(like.dtype)  # noqa: E731
+  return (
+    cast(dx, x),
+    cast(dgx, gate_x),
+    cast(dga, gate_a),
+    cast(dap, a_param),
+    None if h0 is None else cast(dh0, h0),
+  )
+
+
+gated_lru_xla.defvjp(_xla_fwd, _xla_bwd)
 
 
 def gated_lru(
@@ -52,7 +130,7 @@ def gated_lru(
   _check_shapes(x, gate_x, gate_a, a_param, h0)
 
   def xla():
-    return gated_lru_scan(x, gate_x, gate_a, a_param, h0=h0, c=c)
+    return gated_lru_xla(x, gate_x, gate_a, a_param, h0, float(c))
 
   def pallas():
     return gated_lru_pallas(x, gate_x, gate_a, a_param, h0=h0, c=c, interpret=interpret)
@@ -144,6 +222,7 @@ def gated_lru_vjp(
 
 __all__ = [
   "IMPLS",
+  "gated_lru_xla",
   "SQRT_MAX_GRADIENT",
   "gated_lru",
   "gated_lru_associative",

@@ -104,6 +104,33 @@ def test_associative_matches_scan(shape, h0, make_inputs, values_and_grads, asse
   _check_against_scan(gated_lru_associative, args, tol(F32), values_and_grads, assert_close)
 
 
+@pytest.mark.parametrize("h0", [False, True])
+@pytest.mark.parametrize("shape", [(3, 1, 40), (5, 33, 96)])
+def test_xla_impl_matches_scan(shape, h0, make_inputs, values_and_grads, assert_close, tol):
+  """The in-place forward and backward of impl="xla" compute the scan's values and gradients."""
+  args = make_inputs(*shape, F32, h0=h0)
+  fn = functools.partial(kernels.gated_lru, impl="xla")
+  _check_against_scan(fn, args, tol(F32), values_and_grads, assert_close)
+
+
+def test_xla_impl_has_no_stacked_output_buffer(make_inputs):
+  """Six layers in a row: lax.scan's zero-initialised output buffers are all created up front
+  (measured: 9.1 arrays of temp), the in-place forward keeps temp flat (3.1)."""
+  args = make_inputs(8, 64, 256, F32)[:4]
+
+  def temp_in_arrays(fn):
+    def layers(x, gx, ga, ap):
+      for _ in range(6):
+        x = jnp.tanh(fn(x, gx, ga, ap)[0])
+      return x
+
+    compiled = jax.jit(layers).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / (8 * 64 * 256 * 4)
+
+  in_place = temp_in_arrays(functools.partial(kernels.gated_lru, impl="xla"))
+  assert in_place < 4.0 and temp_in_arrays(gated_lru_scan) > in_place + 4.0
+
+
 def test_dispatcher_default_args_on_cpu(make_inputs, values_and_grads, assert_close, tol):
   """Lowered for CPU, default arguments run: "auto" is the scan, "pallas" the interpreter."""
   args = make_inputs(3, 5, 40, F32)[:4]
