@@ -59,7 +59,8 @@ Commands:
              TRAINER_ARGS after -- are passed through (e.g. --config.batch_size=512)
   supervise  keep the run going until it completes: create, setup and run as needed; on
              preemption (resource PREEMPTED/SUSPENDED/FAILED, or trainer exit 42) delete and
-             re-create; on trainer failure (any other exit status) stop and re-run. Every
+             re-create; on trainer failure (any other exit status) stop and re-run, unless it
+             failed the same way (same step, same error) before: then stop for good. Every
              restart counts toward --max-retries, with exponential backoff between them.
   status     resource state and per-worker trainer state
   logs       tail the per-worker logs (prefixed with the worker's hostname)
@@ -97,8 +98,10 @@ Flags (environment variable in brackets; flags win):
 Trainer exit status (the contract between the trainer and supervise):
   0   run completed: total_steps reached, final checkpoint saved (also WORKDIR/COMPLETED)
   42  preempted: SIGTERM received, checkpoint saved; resume by running the same command
-  *   failure
-supervise exits 0 when the run completed, 1 when it gave up after --max-retries.
+  1   failure (the trainer's last line says why; it records the step and a digest of the error
+      in ~/trecvit_run/failure, which `status` shows as step=S error=D)
+supervise exits 0 when the run completed, 1 when it gave up after --max-retries or when the
+trainer failed twice at the same step with the same error (retrying cannot help).
 
 Example: TRecViT-B on Kinetics-400, on a spot v5p-128 (16 workers):
   export TPU_NAME=trecvit-b ZONE=us-east5-a PROJECT=my-project ACCELERATOR_TYPE=v5p-128
@@ -420,12 +423,12 @@ status_command() {
 
 # How the supervisor learns the trainer's fate: worker.sh records the exit status in
 # ~/trecvit_run/exit_code on each worker; one ssh to all workers collects a
-# `TRECVIT_STATUS HOST STATE [RC]` line from each. Prints one of UNREACHABLE, IDLE, RUNNING,
-# COMPLETED, PREEMPTED, FAILED:<details>.
+# `TRECVIT_STATUS HOST STATE [RC [step=S error=D]]` line from each. Prints one of UNREACHABLE,
+# IDLE, RUNNING, COMPLETED, PREEMPTED, FAILED:<details> (details: HOST:exit=RC[@step=S,error=D]).
 trainer_status() {
-  local out rc=0 tag host state code n=0 idle=0 running=0 preempted=0 failed=""
+  local out rc=0 tag host state code detail n=0 idle=0 running=0 preempted=0 failed=""
   out=$(ssh_workers all "$(status_command)" run_quiet 2>"$TMP/status.err") || rc=$?
-  while read -r tag host state code _; do
+  while read -r tag host state code detail; do
     [[ $tag == TRECVIT_STATUS ]] || continue
     n=$((n + 1))
     case $state in
@@ -436,7 +439,10 @@ trainer_status() {
         case $code in
           0) ;;
           42) preempted=$((preempted + 1)) ;;
-          *) failed+=" $host:exit=${code:-?}" ;;
+          *)
+            detail=${detail// /,}
+            failed+=" $host:exit=${code:-?}${detail:+@$detail}"
+            ;;
         esac
         ;;
       *) failed+=" $host:${state:-?}" ;;
@@ -479,6 +485,7 @@ cmd_status() {
 # --- supervise --------------------------------------------------------------------------------
 
 failures=0
+seen_failures=" "  # step=S,error=D of every trainer failure so far
 launched=0     # whether this supervisor started the trainer on the current slice
 setup_done=0   # whether this supervisor ran setup on the current slice
 
@@ -510,6 +517,23 @@ launch() {
   if ! cmd_run; then
     retry "starting the trainer failed"
   fi
+}
+
+# A failure (FAILED:<details>) whose step and error were seen before: prints it and succeeds.
+# The same error at the same step twice is deterministic (bad data, a bug, a config error):
+# retrying only burns the retries.
+repeated_failure() {
+  local word repeated=""
+  for word in $1; do
+    [[ $word == *@step=* ]] || continue
+    if [[ $seen_failures == *" ${word#*@} "* ]]; then
+      repeated=${word#*@}
+    fi
+  done
+  for word in $1; do
+    [[ $word == *@step=* ]] && seen_failures+="${word#*@} "
+  done
+  [[ -n $repeated ]] && echo "$repeated"
 }
 
 forget_slice() {
@@ -548,7 +572,7 @@ cmd_supervise() {
     supervise_plan
     return 0
   fi
-  local state status last_state="" last_status="" unreachable=0 completed_seen=""
+  local state status last_state="" last_status="" unreachable=0 completed_seen="" repeated
   RUNTIME_VERSION=$(runtime_version)  # fail now, not at the first re-create days from now
   # Every re-create must install the same code, even if the checkout moves meanwhile.
   GIT_REF=$(git -C "$REPO_ROOT" rev-parse --verify "${GIT_REF}^{commit}") ||
@@ -645,6 +669,12 @@ cmd_supervise() {
             log "supervise: trainer failed (${status#FAILED:}); last log lines:"
             show_log_tails >&2
             cmd_stop || true
+            if repeated=$(repeated_failure "${status#FAILED:}"); then
+              log "supervise: the trainer failed the same way twice ($repeated): retrying" \
+                "cannot help; not retrying. Fix the cause (see the log lines above), then run" \
+                "supervise again."
+              exit 1
+            fi
             retry "trainer failed"
             launch
             ;;

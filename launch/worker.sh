@@ -12,6 +12,9 @@
 #   pid          the wrapper process (also its process group: it runs under setsid)
 #   trainer_pid  the python process
 #   exit_code    written once, atomically, when the trainer has exited: the supervisor's signal
+#   failure      written by a failing trainer ($TRECVIT_FAILURE_FILE): "step=S error=DIGEST" and
+#                the message; status reports the first line, so the supervisor can tell a failure
+#                that repeats (same step, same error) from one worth retrying
 set -euo pipefail
 
 RUN_DIR=${TRECVIT_RUN_DIR:-$HOME/trecvit_run}
@@ -22,6 +25,7 @@ LOG=$RUN_DIR/train.log
 EXIT_FILE=$RUN_DIR/exit_code
 PID_FILE=$RUN_DIR/pid
 TRAINER_PID_FILE=$RUN_DIR/trainer_pid
+FAILURE_FILE=$RUN_DIR/failure
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 
 usage() {
@@ -29,7 +33,7 @@ usage() {
 Usage (on a TPU worker; normally called by launch/tpu.sh):
   worker.sh setup COMMIT PYTHON_VERSION  install RUN_DIR/src.new as RUN_DIR/src + virtualenv
   worker.sh start ARGS...      start `python -m trecvit_dist.main ARGS` detached; log to train.log
-  worker.sh status             print `TRECVIT_STATUS HOST idle|running|lost|exited RC`
+  worker.sh status             print `TRECVIT_STATUS HOST idle|running|lost|exited RC [step=S error=D]`
   worker.sh stop [GRACE]       SIGTERM trainers, SIGKILL after GRACE s (default 120), rm TPU lock
   worker.sh logs [LINES] [follow]  tail train.log, each line prefixed with [HOST]
 EOF
@@ -51,8 +55,12 @@ wrapper_alive() {
 }
 
 cmd_status() {
+  local failure=""
   if [[ -f $EXIT_FILE ]]; then
-    echo "TRECVIT_STATUS $(host) exited $(<"$EXIT_FILE")"
+    if [[ -f $FAILURE_FILE ]]; then
+      read -r failure <"$FAILURE_FILE" || true
+    fi
+    echo "TRECVIT_STATUS $(host) exited $(<"$EXIT_FILE")${failure:+ $failure}"
   elif wrapper_alive; then
     echo "TRECVIT_STATUS $(host) running"
   elif [[ -f $PID_FILE ]]; then
@@ -70,7 +78,7 @@ cmd_start() {
       "run 'tpu.sh stop' first" >&2
     exit 1
   fi
-  rm -f "$EXIT_FILE" "$PID_FILE" "$TRAINER_PID_FILE"
+  rm -f "$EXIT_FILE" "$PID_FILE" "$TRAINER_PID_FILE" "$FAILURE_FILE"
   if [[ -f $LOG ]]; then
     mv -f "$LOG" "$LOG.prev"
   fi
@@ -101,7 +109,7 @@ cmd__train() {
     printf ' %q' "$@"
     printf '\n'
   } >>"$LOG"
-  "$PYTHON" -m "$MODULE" "$@" >>"$LOG" 2>&1 &
+  TRECVIT_FAILURE_FILE=$FAILURE_FILE "$PYTHON" -m "$MODULE" "$@" >>"$LOG" 2>&1 &
   child=$!
   echo "$child" >"$TRAINER_PID_FILE"
   # Ignore SIGTERM here (the child keeps its default disposition): on preemption the OS signals

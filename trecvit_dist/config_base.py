@@ -4,12 +4,17 @@ Field names are part of the project's interface (docs/interfaces.md): model.name
 model.num_classes, data.path, data.train_split, data.eval_split, data.num_frames, data.stride,
 data.image_size, batch_size, total_steps, seed, mesh.data/fsdp/tensor, log_every_steps,
 eval_every_steps, checkpoint_every_steps, init_from.
+
+A workdir's checkpoints carry the config they were written with; a resumed run must keep every
+field that changes what the run computes (`resume_changes`, called by the trainer).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -23,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.task = "classification"
   c.init_from = ""  # official .npz or another workdir; used only when the workdir has no checkpoint
+  # Comma-separated config fields that may differ from the checkpoints' config on resume (e.g.
+  # "optimizer.learning_rate,batch_size"): a deliberate change to a run (see resume_changes).
+  c.allow_config_change = ""
 
   # Model: a family (trecvit_dist/models/), a named size, and explicit overrides (unset fields
   # take the variant's value). The fields below are TRecViT's; other families ignore the ones
@@ -59,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = 2  # Grain worker processes per host
   c.data.eval_clips = 1
   c.data.eval_crops = 1
+  # Unreadable records: False stops the run naming shard and record; True skips and counts them
+  # (TensorBoard data/skipped_records; training draws a deterministic replacement).
+  c.data.skip_corrupt_records = False
   # Generated into WORKDIR/data when data.path is empty (the embedded default dataset).
   # kind: motion | memorisation | tracking (data_pipelines/synthetic.py); variant: the motion
   # generator's "dark" (the default) or "realistic".
@@ -104,3 +115,95 @@ def load_sibling(config_file: str, name: str, arg: str | None = None) -> ml_coll
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# Fields that may change between runs of one workdir: how the run is watched, saved, fed and laid
+# out on devices, not what it computes. Every other field is compared with the config saved with
+# the newest checkpoint when a run resumes; a difference is refused unless allow_config_change
+# names it. total_steps passes (extending a run is the common case; the cosine schedule then
+# decays over the new length from the resumed step on) and data.path passes (data moves between
+# disks and buckets; the iterator state refuses another number of records); both are logged.
+RESUME_FREE_FIELDS = (
+  "allow_config_change",
+  "log_every_steps",
+  "eval_every_steps",
+  "eval_batch_size",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "keep_every_steps",
+  "profile_steps",
+  "peak_flops_per_device",
+  "init_from",  # only read when the workdir has no checkpoint
+  "total_steps",
+  "grad_accum_steps",  # the same mean gradient, in fewer or more micro-batches
+  "mesh",
+  "model.remat",
+  "model.lru_impl",
+  "data.path",
+  "data.workers",
+  "data.skip_corrupt_records",
+)
+RESUME_LOGGED_FIELDS = ("total_steps", "data.path")
+
+
+class ConfigChangeError(ValueError):
+  """The config changes a field that the workdir's checkpoints were trained with."""
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _matches(field: str, names) -> bool:
+  """field is one of names, or inside one of them (a section such as "mesh")."""
+  return any(field == n or field.startswith(n + ".") for n in names)
+
+
+def resume_changes(
+  saved: dict[str, Any], config: ml_collections.ConfigDict, where: str
+) -> list[str]:
+  """The differences from the saved config (as JSON) that pass, as "field: old -> new" lines.
+
+  Raises ConfigChangeError listing the refused ones, and ValueError when allow_config_change
+  names a field the config does not have. Fields only one side has (added or removed since the
+  checkpoint was written) are not compared. where: the checkpoint, for the message.
+  """
+  current = _flat(json.loads(json.dumps(config.to_dict())))  # tuples compare as the JSON lists
+  allowed = [n.strip() for n in str(config.get("allow_config_change", "")).split(",") if n.strip()]
+  unknown = [n for n in allowed if not any(_matches(f, [n]) for f in current)]
+  if unknown:
+    raise ValueError(
+      f"allow_config_change names {unknown}, which are not config fields (e.g. "
+      "optimizer.learning_rate, batch_size, data.num_frames)."
+    )
+  passed, refused = [], []
+  old_fields = _flat(saved)
+  for field in sorted(set(old_fields) & set(current)):
+    old, new = old_fields[field], current[field]
+    if old == new:
+      continue
+    line = f"{field}: {old!r} -> {new!r}"
+    if _matches(field, allowed):
+      passed.append(line + " (allow_config_change)")
+    elif _matches(field, RESUME_FREE_FIELDS):
+      if _matches(field, RESUME_LOGGED_FIELDS):
+        passed.append(line)
+    else:
+      refused.append(line)
+  if refused:
+    names = ",".join(line.split(":")[0] for line in refused)
+    raise ConfigChangeError(
+      f"The config differs from the one {where} was trained with, in fields that change what "
+      "the run computes:\n  " + "\n  ".join(refused) + "\nTo train with this config from "
+      "the start, use a new --workdir. To continue this run with the change on purpose, add "
+      f"--config.allow_config_change={names}"
+    )
+  return passed

@@ -1,15 +1,21 @@
 """The TensorBoard writer and the chips' peak FLOP/s behind perf/mfu (tasks own their metrics)."""
 
+from __future__ import annotations
+
 import os
 
 import jax
-from clu import metric_writers
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CLU's writer imports TensorFlow.
+# CLU's writer imports TensorFlow, only to write event files: its C++ notices are noise here.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard event files in the workdir from process 0; plain logging elsewhere."""
+def create_writer(workdir: str):
+  """TensorBoard event files in the workdir from process 0; plain logging elsewhere (a CLU
+  MetricWriter). TensorFlow is imported here, not at start-up (4 s): bad input fails first."""
+  from clu import metric_writers  # noqa: PLC0415
+
   return metric_writers.create_default_writer(
     workdir, just_logging=jax.process_index() > 0, asynchronous=True
   )
@@ -32,7 +38,7 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops_per_device(override: float = 0.0) -> "float | None":
+def peak_flops_per_device(override: float = 0.0) -> float | None:
   if override:
     return float(override)
   return PEAK_FLOPS.get(jax.devices()[0].device_kind)

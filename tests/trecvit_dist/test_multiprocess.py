@@ -1,5 +1,6 @@
 """Multi-host on CPU: 2 processes x 4 devices train on the batches of 1 process x 8 devices."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -73,7 +74,12 @@ def test_two_processes_train_like_one(tiny_config, tiny_data, tmp_path, tb_scala
     "perf/clips_per_sec",
     "eval/loss",
     "eval/top1",
-    "eval/top5",
+    "data/skipped_records",  # summed over the processes
+    "data/looped_clips",
   ):
     assert tb_scalars(workdir, tag), f"missing TensorBoard tag {tag}"
+  assert not tb_scalars(workdir, "eval/top5")  # 4 classes: top-5 would always be 1
+  # 4 frames at stride 2 of 8-frame videos: no clip loops; no record is corrupt.
+  assert set(tb_scalars(workdir, "data/looped_clips").values()) == {0.0}
   assert (workdir / "COMPLETED").exists()
+  assert json.loads((workdir / "summary.json").read_text())["step"] == steps

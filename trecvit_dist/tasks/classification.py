@@ -23,18 +23,17 @@ def cross_entropy(logits, labels, num_classes: int, smoothing: float):
 
 
 def top_k_sums(logits_BK, label_B, mask_B) -> dict:
-  """Sums of loss, top1 and top5 over the real rows (mask), and their count."""
+  """Sums of loss, top1 and top5 over the real rows (mask), and their count. No top5 with at
+  most 5 classes: it would always be 1."""
   mask = mask_B.astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits_BK, jnp.maximum(label_B, 0))
   top5 = jax.lax.top_k(logits_BK, min(5, logits_BK.shape[-1]))[1]
   correct1 = (top5[:, 0] == label_B).astype(jnp.float32)
-  correct5 = jnp.any(top5 == label_B[:, None], axis=-1).astype(jnp.float32)
-  return dict(
-    loss=jnp.sum(loss * mask),
-    top1=jnp.sum(correct1 * mask),
-    top5=jnp.sum(correct5 * mask),
-    count=jnp.sum(mask),
-  )
+  sums = dict(loss=jnp.sum(loss * mask), top1=jnp.sum(correct1 * mask), count=jnp.sum(mask))
+  if logits_BK.shape[-1] > 5:
+    correct5 = jnp.any(top5 == label_B[:, None], axis=-1).astype(jnp.float32)
+    sums["top5"] = jnp.sum(correct5 * mask)
+  return sums
 
 
 def view_averaged_logits(model, params, video):
