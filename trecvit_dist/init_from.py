@@ -2,10 +2,11 @@
 
 Resume order, written once: an existing checkpoint in the workdir -> init_from -> scratch (the
 trainer calls `load` only when the workdir has no checkpoint). The encoder must load; the family's
-classifier (`head_prefixes`) and the task's heads (`fresh_prefixes`, e.g. an MAE decoder or a
-readout) keep their fresh initialisation when the source lacks them or has another shape (a new
-class count, a readout from an MAE run, MAE from a supervised run). Every re-initialised and
-every ignored source key is logged.
+classifier (`head_prefixes`), the task's heads (`fresh_prefixes`, e.g. an MAE decoder or a
+readout) and what an .npz import declares it cannot provide (its third return value, e.g.
+TRecViT's gated-LRU blocks from an ImageNet ViT) keep their fresh initialisation when the source
+lacks them or has another shape (a new class count, a readout from an MAE run, MAE from a
+supervised run). Every re-initialised and every ignored source key is logged.
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ def load(
         "workdir instead."
       )
     with_head = any(k.startswith(tuple(family.head_prefixes)) for k in flat_target)
-    loaded, notes = family.import_npz(load_npz(source), model_cfg, image_size, with_head)
+    # (params, notes) or (params, notes, stay_fresh): stay_fresh are key prefixes of ours the
+    # source cannot provide and that keep their fresh initialisation, like a head (e.g. the
+    # gated-LRU blocks when TRecViT starts from an ImageNet ViT).
+    loaded, notes, *stay_fresh = family.import_npz(
+      load_npz(source), model_cfg, image_size, with_head
+    )
+    heads += tuple(stay_fresh[0]) if stay_fresh else ()
     for note in notes:
       logging.info("init_from %s: %s", source, note)
   else:
@@ -83,5 +90,5 @@ def load(
       "the model size, patch size and image size against the source's."
     )
   if fresh:
-    logging.info("init_from: %d head parameter(s) freshly initialised: %s", len(fresh), fresh)
+    logging.info("init_from: %d parameter(s) freshly initialised: %s", len(fresh), fresh)
   return flax.traverse_util.unflatten_dict(out, sep="/")

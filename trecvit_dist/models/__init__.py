@@ -21,6 +21,11 @@ from trecvit_dist.models.trecvit import (
 # name -> the module that defines FAMILY (imported on first use).
 FAMILIES: dict[str, str] = {
   "trecvit": "trecvit_dist.models.trecvit",
+  "vivit": "trecvit_dist.models.vivit",
+  "vivit_factorised": "trecvit_dist.models.vivit_factorised",
+  "pure_lru": "trecvit_dist.models.pure_lru",
+  "tubevit": "trecvit_dist.models.tubevit",
+  "motionformer": "trecvit_dist.models.motionformer",
 }
 _registered: dict[str, ModelFamily] = {}
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trecvit_dist.models import layers
+from trecvit_dist.models import layers, vit_checkpoint
 from trecvit_dist.models.family import ModelFamily, TokenGrid
 from trecvit_dist.models.layers import LOGICAL
 
@@ -499,12 +499,62 @@ def import_encoder(flat: Mapping[str, np.ndarray], cfg: TRecViTConfig, image_siz
   return {k: params[k] for k in ("tokenizer", "encoder")}, ignored
 
 
-def import_npz(flat: Mapping[str, np.ndarray], cfg: TRecViTConfig, image_size, with_head: bool):
-  """An official-layout .npz -> (flat params under our paths, notes) for init_from.
+def import_image_vit(vit: vit_checkpoint.ImageViT, cfg: TRecViTConfig, image_size: int):
+  """An ImageNet ViT -> (flat params under our paths, notes, keys left fresh) for init_from.
 
-  With a classifier wanted and present in the file, everything loads (a head of another class
-  count is left out, so it starts fresh); otherwise only the encoder loads (`import_encoder`).
+  The ViT's blocks become the per-frame encoderblock_{i} and its encoder_norm ours; the 2D patch
+  kernel becomes the tokenizer's (1, p, p) one (central frame of a longer tubelet); the position
+  grid is resized bilinearly when the image grid differs; the CLS gets its position embedding
+  folded in (TRecViT adds none to it). The gated-LRU blocks and the classifier start fresh.
   """
+  vit.check_fits(
+    "TRecViT",
+    width=cfg.width,
+    depth=cfg.depth,
+    num_heads=cfg.num_heads,
+    mlp_dim=cfg.mlp_dim,
+    patch_hw=cfg.patch_size[1:],
+  )
+  expected = expected_shapes(cfg, (image_size, image_size))
+  pt, ph, pw = cfg.patch_size
+  patch_grid = (image_size // ph, image_size // pw)
+  loaded = {
+    "tokenizer/embedding/bias": vit.patch_bias,
+    **vit.block_params("encoder/"),
+    **vit.encoder_norm_params("encoder/"),
+  }
+  adapted = {"tokenizer/embedding/kernel": f"2D patch kernel placed on frame {pt // 2} of {pt}"}
+  params = {"tokenizer/embedding/kernel": vit_checkpoint.central_frame_kernel(vit.patch_kernel, pt)}
+  if "tokenizer/pos_embedding" in expected:
+    params["tokenizer/pos_embedding"] = vit.resized_grid(patch_grid)[None]
+    if patch_grid != vit.grid:
+      adapted["tokenizer/pos_embedding"] = f"{vit.grid} grid resized bilinearly to {patch_grid}"
+    else:
+      loaded["tokenizer/pos_embedding"] = params["tokenizer/pos_embedding"]
+  if "tokenizer/cls" in expected and vit.cls is not None:
+    params["tokenizer/cls"] = vit.cls_with_position().reshape(1, 1, -1)
+    adapted["tokenizer/cls"] = "the ViT's CLS plus its position embedding"
+  params.update(loaded)
+  fresh = sorted(k for k in expected if k not in params)
+  misshaped = [k for k, v in params.items() if tuple(v.shape) != expected.get(k)]
+  if misshaped:
+    raise ValueError(f"init_from: ImageNet ViT mapped to mis-shaped TRecViT keys {misshaped}.")
+  notes = vit_checkpoint.import_notes(vit, list(loaded), adapted, fresh)
+  if "tokenizer/pos_embedding" not in expected:
+    notes.append("the ViT's position embedding is unused (model.posemb=sincos2d)")
+  return params, notes, fresh
+
+
+def import_npz(flat: Mapping[str, np.ndarray], cfg: TRecViTConfig, image_size, with_head: bool):
+  """An official-layout or ImageNet-ViT .npz -> (flat params under our paths, notes, keys left
+  fresh) for init_from.
+
+  Official layout: with a classifier wanted and present in the file, everything loads (a head of
+  another class count is left out, so it starts fresh); otherwise only the encoder loads
+  (`import_encoder`). An ImageNet ViT (vit_checkpoint's layouts): `import_image_vit`.
+  """
+  if vit_checkpoint.is_image_vit(flat):
+    return import_image_vit(vit_checkpoint.read(flat), cfg, image_size)
   size = (image_size, image_size)
   if with_head and any(k.startswith("decoder/cls_head") for k in flat):
     shapes = expected_shapes(cfg, size)
@@ -524,7 +574,7 @@ def import_npz(flat: Mapping[str, np.ndarray], cfg: TRecViTConfig, image_size, w
   else:
     params, ignored = import_encoder(flat, cfg, size)
     notes = [f"ignored {len(ignored)} keys: {ignored}"] if ignored else []
-  return flax.traverse_util.flatten_dict(params, sep="/"), notes
+  return flax.traverse_util.flatten_dict(params, sep="/"), notes, ()
 
 
 FAMILY = ModelFamily(
