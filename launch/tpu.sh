@@ -519,11 +519,13 @@ launch() {
   fi
 }
 
-# A failure (FAILED:<details>) whose step and error were seen before: prints it and succeeds.
-# The same error at the same step twice is deterministic (bad data, a bug, a config error):
-# retrying only burns the retries.
+# A failure (FAILED:<details>) whose step and error were seen before: sets `repeated` to it and
+# succeeds. The same error at the same step twice is deterministic (bad data, a bug, a config
+# error): retrying only burns the retries. Not called in a $(...) subshell: it must remember.
+repeated=""
 repeated_failure() {
-  local word repeated=""
+  local word
+  repeated=""
   for word in $1; do
     [[ $word == *@step=* ]] || continue
     if [[ $seen_failures == *" ${word#*@} "* ]]; then
@@ -533,7 +535,7 @@ repeated_failure() {
   for word in $1; do
     [[ $word == *@step=* ]] && seen_failures+="${word#*@} "
   done
-  [[ -n $repeated ]] && echo "$repeated"
+  [[ -n $repeated ]]
 }
 
 forget_slice() {
@@ -669,7 +671,7 @@ cmd_supervise() {
             log "supervise: trainer failed (${status#FAILED:}); last log lines:"
             show_log_tails >&2
             cmd_stop || true
-            if repeated=$(repeated_failure "${status#FAILED:}"); then
+            if repeated_failure "${status#FAILED:}"; then
               log "supervise: the trainer failed the same way twice ($repeated): retrying" \
                 "cannot help; not retrying. Fix the cause (see the log lines above), then run" \
                 "supervise again."

@@ -47,7 +47,8 @@ FAKE_GCLOUD = textwrap.dedent(
       return ["exited 0", "exited 0"]
     if rc == 42:
       return ["exited 42", "exited 42"]
-    return [f"exited {rc}", "running"]  # the peer hangs in a collective
+    detail = f" {run['failure']}" if run.get("failure") else ""  # worker.sh's failure record
+    return [f"exited {rc}{detail}", "running"]  # the peer hangs in a collective
 
   if args[:2] == ["storage", "ls"]:
     if not s["completed"]:
@@ -235,6 +236,24 @@ def test_trainer_failures_count_toward_retries(tpu_sh, fake_gcloud):
   ]  # fmt: skip
   assert "w0:exit=7" in result.stderr
   assert "[w0] Traceback: boom" in result.stderr  # the failing worker's log tail
+
+
+def test_the_same_failure_twice_stops_without_burning_retries(tpu_sh, fake_gcloud):
+  env = fake_gcloud.setup(
+    runs=[
+      {"polls": 0, "rc": 1, "failure": "step=40 error=aaa"},
+      {"polls": 0, "rc": 1, "failure": "step=80 error=aaa"},  # later: progress was made
+      {"polls": 0, "rc": 1, "failure": "step=80 error=bbb"},  # another error
+      {"polls": 0, "rc": 1, "failure": "step=80 error=aaa"},  # seen before: deterministic
+      {"polls": 0, "rc": 0},
+    ]
+  )
+  result = tpu_sh("supervise", *FAST, "--max-retries", "10", env={**ENV, **env})
+  assert result.returncode == 1, result.stderr
+  assert actions(fake_gcloud.calls()).count("start") == 4
+  assert "w0:exit=1@step=80,error=aaa" in result.stderr
+  assert "failed the same way twice (step=80,error=aaa)" in result.stderr
+  assert "not retrying" in result.stderr
 
 
 def test_already_completed_run_does_nothing(tpu_sh, fake_gcloud):
