@@ -111,7 +111,14 @@ while ((running > 0)); do
     wait "${pids[i]}" || rc=$?
     rcs[i]=$rc
     running=$((running - 1))
-    if ((rc != 0)); then
+    if ((rc == 42 && !signalled)) && [[ -z $first_failure ]]; then
+      # Preempted: the processes agreed on a step and are saving it; the others exit 42 on their
+      # own once their part of the checkpoint is written. Stop them only if they do not.
+      if ((running > 0)) && [[ -z $deadline ]]; then
+        echo "local.sh: process $i preempted (42); waiting up to ${grace}s for the others" >&2
+        deadline=$((SECONDS + grace))
+      fi
+    elif ((rc != 0)); then
       echo "local.sh: process $i exited with status $rc" >&2
       if ((!signalled)); then
         first_failure=$rc
