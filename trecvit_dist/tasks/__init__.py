@@ -14,6 +14,7 @@ from trecvit_dist.tasks.task import Task
 TASKS: dict[str, str] = {
   "classification": "trecvit_dist.tasks.classification",
   "mae": "trecvit_dist.tasks.mae",
+  "memorisation": "trecvit_dist.tasks.memorisation",
   "point_tracking": "trecvit_dist.tasks.point_tracking",
   "readout": "trecvit_dist.tasks.readout",
 }
