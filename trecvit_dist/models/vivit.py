@@ -282,7 +282,10 @@ def image_vit_params(
   The patch kernel goes on the tubelet's central frame (zero on the others); the position
   embedding is [the CLS's position, the patch grid resized to this image size and tiled over
   `slots` time slots]. The CLS's position is the ViT's own, or zero for a ViT that adds none to its
-  CLS (big_vision), so a static video gives exactly the image model's tokens.
+  CLS (big_vision). A static video then gives exactly the image model's tokens in every slot when
+  the encoder has no CLS or runs on one slot (attending to t' copies of the image's tokens is
+  attending to the image); with a CLS and t' > 1 slots, the one CLS gets 1/t' of the attention it
+  gets in the image, so the outputs differ from the image model's (see tests/.../test_vit_init.py).
   """
   vit.check_fits(
     "ViViT",
