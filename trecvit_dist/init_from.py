@@ -35,6 +35,20 @@ def load_npz(path: str | epath.PathLike) -> dict[str, np.ndarray]:
     raise ValueError(f"Could not read {path} as an .npz of parameters: {e}") from e
 
 
+def check(source: str, *, family: ModelFamily, model_cfg, image_size: int) -> None:
+  """Maps an .npz source onto the model's shapes (host arrays only, nothing compiled), so a
+  source of another width or layout is refused before the first compile. Workdir sources are
+  checked by shape when loaded (their state is not read twice)."""
+  if not source.endswith(".npz"):
+    return
+  if family.import_npz is None:
+    raise ValueError(
+      f"init_from={source}: model {family.name!r} loads no .npz files; give another run's "
+      "workdir instead."
+    )
+  family.import_npz(load_npz(source), model_cfg, image_size, True)
+
+
 def load(
   params,
   source: str,

@@ -86,6 +86,13 @@ def train_and_evaluate(
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
     exp = experiment.build(build_config, mesh, inputs.num_classes)
     task = exp.task
+    if config.init_from and not checkpointing.has_steps(workdir):
+      init_from.check(
+        config.init_from,
+        family=exp.family,
+        model_cfg=exp.model_cfg,
+        image_size=config.data.image_size,
+      )
     if is_mixture and not getattr(task, "members", None):
       raise ValueError(
         f"data.mixture is set but task={task.name} trains on one dataset: use "
