@@ -1,7 +1,10 @@
 """AOT-compiles the sharded train step for a TPU topology on a CPU host (needs libtpu).
 
   python -m trecvit_dist.compile_check --config configs/trecvit_k400.py:B --topology v5p:4x4x4 \
-      [--batch_size N] [--find_max_batch] [--num_classes 400] [--config.FIELD=VALUE ...]
+      [--chips N] [--batch_size N] [--find_max_batch] [--num_classes 400] [--config.FIELD=VALUE ...]
+
+--chips N compiles for the first N chips of the topology (e.g. one chip of v5p:2x2x1). The mesh is
+config.mesh (data, fsdp, tensor and time: --config.mesh.time=8 shards the frames over 8 chips).
 
 Prints per-chip argument / temp / output / total memory against the chip's HBM and the step's
 FLOPs; exits 1 when the step does not fit. --find_max_batch doubles the global batch, then
@@ -29,6 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG]
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "TPU topology, e.g. v5p:4x4x4, v5e:4x4")
 _BATCH = flags.DEFINE_integer("batch_size", None, "global batch (default: the config's)")
 _FIND_MAX = flags.DEFINE_boolean("find_max_batch", False, "search the largest batch that fits")
+_CHIPS = flags.DEFINE_integer("chips", None, "use the first N chips of the topology (default: all)")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 400, "classes when model.num_classes is unset")
 
 # HBM per chip in bytes (public figures).
@@ -63,7 +67,7 @@ def compile_step(config, devices, batch_size: int, num_classes: int):
 
   The config is checked exactly as the trainer checks it (experiment.build), before compiling.
   """
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  mesh = sharding.mesh_from_config(config.mesh, devices)
   with config.unlocked():
     config.batch_size = batch_size
   exp = experiment.build(config, mesh, num_classes)
@@ -98,6 +102,10 @@ def main(argv):
   del argv
   config = _CONFIG.value
   devices, hbm = topology_devices(_TOPOLOGY.value)
+  if _CHIPS.value is not None:
+    if not 1 <= _CHIPS.value <= len(devices):
+      raise app.UsageError(f"--chips must be in [1, {len(devices)}] for {_TOPOLOGY.value}.")
+    devices = devices[: _CHIPS.value]
   num_classes = config.model.num_classes or _NUM_CLASSES.value
   batch = _BATCH.value or config.batch_size
 

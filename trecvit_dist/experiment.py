@@ -80,6 +80,12 @@ def config_errors(config, mesh_shape: dict[str, int], family, model_cfg, task: T
   if config.total_steps < 1:
     errors.append(f"total_steps must be >= 1, got {config.total_steps}")
   d = config.data
+  time = mesh_shape.get(sharding.TIME_AXIS, 1)
+  if time > 1 and not family.time_parallel:
+    errors.append(
+      f"model {family.name} cannot shard frames over mesh.time={time} (only families with "
+      "time_parallel, e.g. trecvit, can); set mesh.time=1"
+    )
   errors += family.config_errors(model_cfg, mesh_shape, d.num_frames, d.image_size)
   errors += task.config_errors(mesh_shape)
   return errors
@@ -231,9 +237,16 @@ class Experiment:
       return init(jax.random.key(self.config.seed))
 
   def batch_spec(self, batch_size: int, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
-    """The task's batch keys with their global shapes and shardings (batch over data, fsdp)."""
+    """The task's batch keys with their global shapes and shardings: batch over (data, fsdp), a
+    video's frames ([b, (views,) t, h, w, 3]) over time."""
+
+    def placed(key, s):
+      if key == "video" and s.ndim >= 5:
+        return sharding.video_sharding(self.mesh, s.ndim)
+      return sharding.batch_sharding(self.mesh, s.ndim)
+
     return {
-      k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.batch_sharding(self.mesh, s.ndim))
+      k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placed(k, s))
       for k, s in self.task.batch_spec(batch_size, train).items()
     }
 

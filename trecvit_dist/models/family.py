@@ -58,6 +58,9 @@ class ModelFamily:
   # family loads no .npz (init_from then takes another workdir only).
   import_npz: Callable[..., tuple[dict, list[str]]] | None = None
   causal: bool = False  # outputs at frame t depend on frames <= t only
+  # Frames may be sharded over the mesh axis `time` (mesh.time > 1): every layer acts within a
+  # frame or along time through sharding.gated_lru / causal_conv. Others refuse mesh.time > 1.
+  time_parallel: bool = False
 
   def make_config(
     self, fields: Mapping[str, Any], *, num_classes: int, num_frames: int, image_size: int

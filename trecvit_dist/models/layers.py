@@ -291,10 +291,29 @@ def a_param_init(min_rad: float, max_rad: float, eps: float = 1e-8):
   return init
 
 
+def causal_conv1d(x_BTD, window_BWD, w_KD, b_D):
+  """out[t] = b + sum_s w[K-1-s] * x[t-s], x[-1..-(K-1)] from window_BWD (None: zeros).
+
+  -> (out_BTD, new window: the last K-1 frames of [window, x]).
+  """
+  pad = w_KD.shape[0] - 1
+  if window_BWD is None:
+    window_BWD = jnp.zeros((x_BTD.shape[0], pad, x_BTD.shape[2]), x_BTD.dtype)
+  x_full = jnp.concatenate([window_BWD.astype(x_BTD.dtype), x_BTD], axis=1)
+  t = x_BTD.shape[1]
+  out = jnp.broadcast_to(b_D[None, None], x_BTD.shape)
+  for shift in range(pad + 1):
+    # x[t - shift] for every output t lives at x_full[pad - shift + t].
+    out = out + x_full[:, pad - shift : pad - shift + t] * w_KD[None, None, pad - shift]
+  new_window = x_full[:, x_full.shape[1] - pad :] if pad else window_BWD
+  return out, new_window
+
+
 class Conv1D(nn.Module):
   """Causal depthwise conv over time: out[t] = b + sum_s w[W-1-s] * x[t-s] (zeros before t=0).
 
-  x_BTD [batch, time, width]; the state is the last W-1 inputs [batch, W-1, width].
+  x_BTD [batch, time, width]; the state is the last W-1 inputs [batch, W-1, width]. With frames
+  sharded over time, each shard receives the W-1 frames before it (sharding.causal_conv).
   """
 
   temporal_width: int
@@ -310,17 +329,7 @@ class Conv1D(nn.Module):
     )
     b = self.param("b", LOGICAL(nn.initializers.zeros_init(), ("lru",)), (width,))
     w, b = w.astype(self.dtype), b.astype(self.dtype)
-    pad = self.temporal_width - 1
-    if window_BWD is None:
-      window_BWD = jnp.zeros((x_BTD.shape[0], pad, width), x_BTD.dtype)
-    x_full = jnp.concatenate([window_BWD.astype(x_BTD.dtype), x_BTD], axis=1)
-    t = x_BTD.shape[1]
-    out = jnp.broadcast_to(b[None, None], x_BTD.shape)
-    for shift in range(self.temporal_width):
-      # x[t - shift] for every output t lives at x_full[pad - shift + t].
-      out = out + x_full[:, pad - shift : pad - shift + t] * w[None, None, pad - shift]
-    new_window = x_full[:, x_full.shape[1] - pad :] if pad else window_BWD
-    return out, new_window
+    return sharding.causal_conv(causal_conv1d, x_BTD, window_BWD, w, b)
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -392,7 +401,7 @@ class RecurrentBlock(nn.Module):
     y = dense(s.lru_width, ("embed", "lru"), dtype, "linear_y")(x_BTC)
     y = jax.nn.gelu(y)
     x = dense(s.lru_width, ("embed", "lru"), dtype, "linear_x")(x_BTC)
-    x = nn.with_logical_constraint(x, ("act_batch", None, "act_lru"))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_time", "act_lru"))
     x, conv_window = Conv1D(s.conv1d_temporal_width, dtype, name="conv_1d")(
       x, None if state is None else state["conv"]
     )

@@ -13,6 +13,11 @@ Every temporal block accepts a recurrent `state` ({"h": [(b n), lru_width], "con
 W-1, lru_width]}); None means "start of a video". Passing the returned state back continues the
 video, which is how frame-by-frame inference runs in constant memory.
 
+Time parallelism (mesh.time > 1): activations carry act_time on their frame axis, so each device
+holds a contiguous block of frames for the whole model. The ViT blocks act within a frame
+(`sharding.frame_rows` keeps the (video, frame) rows local); the gated-LRU block's conv1d and scan
+exchange only halos and [rows, width] carries across shards (sharding.causal_conv, gated_lru).
+
 The family (`FAMILY`, model.name=trecvit) owns the config, the named sizes (Ti, S, B, L, H), the
 config checks against the mesh and the data, the analytic FLOPs behind perf/mfu, and the import
 of official and ImageNet-ViT .npz files.
@@ -31,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trecvit_dist import sharding
 from trecvit_dist.models import layers, vit_checkpoint
 from trecvit_dist.models.family import ModelFamily, TokenGrid
 from trecvit_dist.models.layers import LOGICAL
@@ -177,7 +183,7 @@ class ResidualBlock(nn.Module):
   def __call__(self, x_BTNC, state=None):
     b, _, n, _ = x_BTNC.shape
     x = einops.rearrange(x_BTNC, "b t n c -> (b n) t c")
-    x = nn.with_logical_constraint(x, ("act_batch", None, "act_embed"))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_time", "act_embed"))
     y = layers.RMSNorm(name="temporal_pre_norm")(x)
     y, state = layers.RecurrentBlock(self.cfg.lru, name="recurrent_block")(y, state)
     x = x + y
@@ -191,12 +197,15 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTNC):
-    b = x_BTNC.shape[0]
-    x = einops.rearrange(x_BTNC, "b t n c -> (b t) n c")
-    x = nn.with_logical_constraint(x, ("act_batch", None, "act_embed"))
+    b, t = x_BTNC.shape[:2]
     cfg = self.cfg
-    x = layers.vit_block(x, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, dtype=_dtype(cfg))
-    return einops.rearrange(x, "(b t) n c -> b t n c", b=b)
+    # Rows are (video, frame) pairs: sharded over batch and time axes alike, no data moves.
+    with sharding.frames_as_rows():
+      x = sharding.frame_rows(x_BTNC)
+      x = nn.with_logical_constraint(x, ("act_batch", None, "act_embed"))
+      x = layers.vit_block(x, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, dtype=_dtype(cfg))
+    x = sharding.frame_rows_inverse(x, b, t)
+    return nn.with_logical_constraint(x, ("act_batch", "act_time", None, "act_embed"))
 
 
 class Encoder(nn.Module):
@@ -336,7 +345,7 @@ class TRecViT(nn.Module):
     """[b, t, h, w, 3] -> (encoded [b, t, n(+1), c], recurrent state)."""
     check_video(self.cfg, video_BTHWC.shape)
     x = self.tokenizer(video_BTHWC)
-    x = nn.with_logical_constraint(x, ("act_batch", None, None, "act_embed"))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_time", None, "act_embed"))
     return self.encoder(x, state)
 
   def tokens(self, video_BTHWC, train: bool = False):
@@ -408,6 +417,14 @@ def config_errors(cfg: TRecViTConfig, mesh_shape: Mapping[str, int], num_frames,
     errors.append(
       f"data.image_size {image_size} / data.num_frames {num_frames} do not divide by the patch "
       f"size {cfg.patch_size}"
+    )
+  time = mesh_shape.get(sharding.TIME_AXIS, 1)
+  slots = num_frames // cfg.patch_size[0]
+  if time > 1 and (num_frames % cfg.patch_size[0] or slots % time):
+    errors.append(
+      f"mesh.time={time} does not divide the {slots} time steps of a clip (data.num_frames "
+      f"{num_frames} / temporal patch {cfg.patch_size[0]}); pick data.num_frames a multiple of "
+      f"{time * cfg.patch_size[0]} or a mesh.time that divides {slots}"
     )
   return errors
 
@@ -589,4 +606,5 @@ FAMILY = ModelFamily(
   finalize=_finalize,
   import_npz=import_npz,
   causal=True,
+  time_parallel=True,
 )
