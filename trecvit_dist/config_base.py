@@ -2,7 +2,7 @@
 
 Field names are part of the project's interface (docs/interfaces.md): model.name, model.variant,
 model.num_classes, data.path, data.train_split, data.eval_split, data.num_frames, data.stride,
-data.image_size, batch_size, total_steps, seed, mesh.data/fsdp/tensor, log_every_steps,
+data.image_size, batch_size, total_steps, seed, mesh.data/fsdp/tensor/time, log_every_steps,
 eval_every_steps, checkpoint_every_steps, init_from.
 
 A workdir's checkpoints carry the config they were written with; a resumed run must keep every
@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Unreadable records: False stops the run naming shard and record; True skips and counts them
   # (TensorBoard data/skipped_records; training draws a deterministic replacement).
   c.data.skip_corrupt_records = False
+  # Input normalisation: the model sees (video / 255 - mean) / std per channel when set (None: the
+  # [0, 1] pixels the official checkpoints take). `official export` folds it into the tokenizer.
+  c.data.mean = config_dict.placeholder(tuple)
+  c.data.std = config_dict.placeholder(tuple)
   # Generated into WORKDIR/data when data.path is empty (the embedded default dataset).
   # kind: motion | memorisation | tracking (data_pipelines/synthetic.py); variant: the motion
   # generator's "dark" (the default) or "realistic".
@@ -88,7 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.1
   c.grad_accum_steps = 1
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # time: frames split over this many devices (sequence parallelism, families with
+  # time_parallel only, e.g. trecvit); it multiplies with data x fsdp x tensor.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, time=1))
 
   c.log_every_steps = 50
   c.eval_every_steps = 1000
@@ -144,6 +150,11 @@ RESUME_FREE_FIELDS = (
   "data.path",
   "data.workers",
   "data.skip_corrupt_records",
+  # Evaluation only: re-evaluating a trained workdir on longer clips or another target mode.
+  "memorisation.eval_frames",
+  "memorisation.mode",
+  "memorisation.image_videos",
+  "memorisation.image_frames",
 )
 RESUME_LOGGED_FIELDS = ("total_steps", "data.path")
 

@@ -48,6 +48,8 @@ def evaluate(
     num_crops=d.eval_crops,
     worker_count=0,
     skip_corrupt_records=d.skip_corrupt_records,
+    mean=d.get("mean"),  # (video - mean) / std when set
+    std=d.get("std"),
   )
   it = pipeline.eval_iterator(
     data_path, split or d.eval_split, **{**options, **exp.task.data_options(train=False)}

@@ -83,7 +83,7 @@ def train_and_evaluate(
     is_mixture = bool(members)
 
     # --- Mesh, then everything the config defines, checked before any compile.
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
     exp = experiment.build(build_config, mesh, inputs.num_classes)
     task = exp.task
     if config.init_from and not checkpointing.has_steps(workdir):
@@ -134,6 +134,8 @@ def train_and_evaluate(
       randaugment=d.randaugment,
       scale_jitter=tuple(d.scale_jitter),
       skip_corrupt_records=d.skip_corrupt_records,
+      mean=d.get("mean"),  # (video - mean) / std when set
+      std=d.get("std"),
     )
     # One experiment view per dataset: the same model and state, the member's task (frames, head).
     if is_mixture:
