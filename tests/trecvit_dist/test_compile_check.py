@@ -17,7 +17,7 @@ def test_train_step_compiles_for_tpu_with_the_mosaic_lru(load_config_fn):
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 1, 2
   devices, hbm = compile_check.topology_devices("v5p:2x2x1")
   compiled, mesh, _ = compile_check.compile_step(config, devices, batch_size=8, num_classes=4)
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "time": 1, "tensor": 2}
   hlo = compiled.as_text()
   # The LRU runs as the fused Pallas kernel (Mosaic) per shard: forward + backward kernels.
   assert hlo.count("tpu_custom_call") >= 2
