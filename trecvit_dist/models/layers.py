@@ -424,3 +424,36 @@ def recurrent_block_flops(width: int, lru: LRUSettings) -> float:
 def vit_block_flops(width: int, mlp_dim: int, tokens: int) -> float:
   """Forward FLOPs of one ViT block per token, attending over `tokens` tokens."""
   return float(2 * 4 * width * width + 2 * 2 * tokens * width + 2 * 2 * width * mlp_dim)
+
+
+# ----------------------------------------------------------------------------- config checks
+# Shared by the ViT-style families' config_errors (vivit, motionformer, tubevit).
+
+
+def vit_mesh_errors(width: int, num_heads: int, mlp_dim: int, mesh_shape) -> list[str]:
+  """Sizes that do not split over the mesh (heads and MLP over tensor, width over fsdp)."""
+  errors = []
+  tensor = mesh_shape.get("tensor", 1)
+  for what, size in (("num_heads", num_heads), ("mlp_dim", mlp_dim)):
+    if size % tensor:
+      errors.append(f"{what} {size} is not divisible by mesh.tensor={tensor}")
+  if width % mesh_shape.get("fsdp", 1):
+    errors.append(f"width {width} is not divisible by mesh.fsdp={mesh_shape['fsdp']}")
+  return errors
+
+
+def tubelet_errors(patch_size, num_frames: int, image_size: int) -> list[str]:
+  """Tubelets (t, h, w) that do not tile a num_frames x image_size x image_size clip."""
+  errors = []
+  pt, ph, pw = patch_size
+  if num_frames % pt:
+    errors.append(
+      f"data.num_frames {num_frames} is not divisible by the tubelet's {pt} frames "
+      f"(model.patch_size {tuple(patch_size)}); use a multiple of {pt} frames or another tubelet"
+    )
+  if image_size % ph or image_size % pw:
+    errors.append(
+      f"data.image_size {image_size} is not divisible by the patch size {ph}x{pw} "
+      f"(model.patch_size {tuple(patch_size)})"
+    )
+  return errors

@@ -339,13 +339,7 @@ def forward_flops(cfg: TubeViTConfig, num_frames: int, image_size: int, head: bo
 
 def config_errors(cfg: TubeViTConfig, mesh_shape: Mapping[str, int], num_frames, image_size):
   """Sizes that do not split over the mesh; tubes that cannot fit the clip at all."""
-  errors = []
-  tensor = mesh_shape.get("tensor", 1)
-  for what, size in (("num_heads", cfg.num_heads), ("mlp_dim", cfg.mlp_dim)):
-    if size % tensor:
-      errors.append(f"{what} {size} is not divisible by mesh.tensor={tensor}")
-  if cfg.width % mesh_shape.get("fsdp", 1):
-    errors.append(f"width {cfg.width} is not divisible by mesh.fsdp={mesh_shape['fsdp']}")
+  errors = layers.vit_mesh_errors(cfg.width, cfg.num_heads, cfg.mlp_dim, mesh_shape)
   clip = (num_frames, image_size, image_size)
   skipped = []
   for i, tube in enumerate(cfg.tubes):

@@ -223,24 +223,8 @@ def forward_flops(cfg: ViViTConfig, num_frames: int, image_size: int, head: bool
 
 def config_errors(cfg: ViViTConfig, mesh_shape: Mapping[str, int], num_frames, image_size):
   """Sizes that do not split over the mesh, tubelets that do not tile the clip."""
-  errors = []
-  tensor = mesh_shape.get("tensor", 1)
-  for what, size in (("num_heads", cfg.num_heads), ("mlp_dim", cfg.mlp_dim)):
-    if size % tensor:
-      errors.append(f"{what} {size} is not divisible by mesh.tensor={tensor}")
-  if cfg.width % mesh_shape.get("fsdp", 1):
-    errors.append(f"width {cfg.width} is not divisible by mesh.fsdp={mesh_shape['fsdp']}")
-  pt, ph, pw = cfg.patch_size
-  if num_frames % pt:
-    errors.append(
-      f"data.num_frames {num_frames} is not divisible by the tubelet's {pt} frames "
-      f"(model.patch_size {cfg.patch_size}); use a multiple of {pt} frames or another tubelet"
-    )
-  if image_size % ph or image_size % pw:
-    errors.append(
-      f"data.image_size {image_size} is not divisible by the patch size {ph}x{pw} "
-      f"(model.patch_size {cfg.patch_size})"
-    )
+  errors = layers.vit_mesh_errors(cfg.width, cfg.num_heads, cfg.mlp_dim, mesh_shape)
+  errors += layers.tubelet_errors(cfg.patch_size, num_frames, image_size)
   return errors
 
 
